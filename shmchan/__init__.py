@@ -1,0 +1,57 @@
+"""shmchan: multiprocessing-style channels over shared-memory ring buffers.
+
+The byte layout is specified in docs/layout.md so that C, Go or Rust programs can
+share a channel with Python.
+"""
+
+from __future__ import annotations
+
+from ._backends import BACKENDS, DEFAULT_BACKEND, available_backends
+from ._channel import DEFAULT_CAPACITY, Channel
+from ._errors import (
+    BackendUnavailable,
+    ChannelExists,
+    ChannelNotFound,
+    ClosedChannel,
+    CorruptChannel,
+    Empty,
+    Full,
+    IncompatibleLayout,
+    InitializationTimeout,
+    LayoutError,
+    MessageTooLarge,
+    NoSpace,
+    NotAShmchanSegment,
+    ShmchanError,
+    UndecodableMessage,
+)
+from ._layout import LAYOUT_MAJOR, LAYOUT_MINOR
+from ._version import __version__
+
+LAYOUT_VERSION = (LAYOUT_MAJOR, LAYOUT_MINOR)
+"""The docs/layout.md version this build reads and writes: (major, minor)."""
+
+__all__ = (
+    "BACKENDS",
+    "DEFAULT_BACKEND",
+    "DEFAULT_CAPACITY",
+    "LAYOUT_VERSION",
+    "BackendUnavailable",
+    "Channel",
+    "ChannelExists",
+    "ChannelNotFound",
+    "ClosedChannel",
+    "CorruptChannel",
+    "Empty",
+    "Full",
+    "IncompatibleLayout",
+    "InitializationTimeout",
+    "LayoutError",
+    "MessageTooLarge",
+    "NoSpace",
+    "NotAShmchanSegment",
+    "ShmchanError",
+    "UndecodableMessage",
+    "__version__",
+    "available_backends",
+)

@@ -1,0 +1,348 @@
+"""Machinery shared by the fd-backed backends (posix shm and mmap of a file).
+
+* Locks (lock_kind 1): ``F_OFD_SETLK``/``F_OFD_SETLKW`` write locks on one byte of the
+  segment's file. Open-file-description locks belong to the open file, not the
+  process, conflict between two opens even within one process, and are released by
+  the kernel when the last descriptor of that open file is closed, which includes
+  process death by SIGKILL. A per-handle ``threading.RLock`` excludes the threads of
+  one process that share the handle's descriptor.
+* Wakeups (wakeup_kind 1): POSIX named semaphores named from the header's nonce.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+import posix_ipc
+
+from .. import _layout as L
+from .._errors import (
+    ChannelExists,
+    CorruptChannel,
+    NoSpace,
+    ShmchanError,
+)
+from . import _base
+from ._base import Segment
+
+# struct flock on Linux (x86-64 and aarch64 share it): short l_type, short l_whence,
+# off_t l_start, off_t l_len, pid_t l_pid (must be 0 for OFD locks), padding.
+_FLOCK = struct.Struct("hhqqi4x")
+_SPIN_YIELDS = 64
+_NOSPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOMEM)
+
+
+class FileHandle:
+    """The segment's descriptor; reopened in a forked child so the child gets its own
+    open file description (sharing the parent's would share its OFD locks)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def reopen(self) -> None:
+        new = os.open(f"/proc/self/fd/{self.fd}", os.O_RDWR | os.O_CLOEXEC)
+        os.close(self.fd)  # the parent's copy keeps the parent's locks alive, not ours
+        self.fd = new
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class OfdMutex:
+    """One byte's OFD write lock, plus a thread lock for the threads of this process."""
+
+    def __init__(self, handle: FileHandle, byte: int) -> None:
+        self._handle = handle
+        self._lock = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0)
+        self._unlock = _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, byte, 1, 0)
+        self._tlock = threading.RLock()
+
+    def acquire(self, deadline: float | None) -> bool:
+        tlock = self._tlock
+        if deadline is None:
+            tlock.acquire()
+        elif not tlock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return False
+        try:
+            if self._try():
+                return True
+            if deadline is None:
+                # Kernel-queued sleep; EINTR is retried by fcntl() unless a signal
+                # handler raised (Ctrl-C), which propagates to the except below.
+                fcntl.fcntl(self._handle.fd, fcntl.F_OFD_SETLKW, self._lock)
+                return True
+            if self._poll_until(deadline):
+                return True
+            tlock.release()
+            return False
+        except BaseException:
+            self._unlock_quietly()
+            tlock.release()
+            raise
+
+    def _try(self) -> bool:
+        try:
+            fcntl.fcntl(self._handle.fd, fcntl.F_OFD_SETLK, self._lock)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        return True
+
+    def _poll_until(self, deadline: float) -> bool:
+        # A timed wait on a contended lock. Holders keep it for microseconds, so
+        # yielding the CPU to them usually suffices; a holder that is stopped (not
+        # dead: the kernel frees a dead one's lock) makes us back off to 1 ms sleeps
+        # until the deadline, which is what lets every timeout be honoured.
+        n = 0
+        while True:
+            if self._try():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            n += 1
+            if n < _SPIN_YIELDS:
+                os.sched_yield()
+            else:
+                time.sleep(min(0.001, 0.00002 * (n - _SPIN_YIELDS + 1)))
+
+    def release(self) -> None:
+        tlock = self._tlock
+        if cast(Any, tlock)._is_owned():
+            try:
+                fcntl.fcntl(self._handle.fd, fcntl.F_OFD_SETLK, self._unlock)
+            finally:
+                tlock.release()
+
+    def _unlock_quietly(self) -> None:
+        # Unlocking a byte we do not hold is a no-op, and only this thread can hold
+        # this handle's lock right now (it holds the thread lock).
+        try:
+            fcntl.fcntl(self._handle.fd, fcntl.F_OFD_SETLK, self._unlock)
+        except OSError:
+            pass
+
+    def after_fork_in_child(self) -> None:
+        self._tlock = threading.RLock()
+
+
+class PosixSemWakeup:
+    """A POSIX named semaphore used as a wakeup counter."""
+
+    def __init__(self, sem: posix_ipc.Semaphore) -> None:
+        self._sem = sem
+
+    def post(self) -> None:
+        self._sem.release()
+
+    def value(self) -> int:
+        return int(self._sem.value)
+
+    def wait(self, timeout: float) -> bool:
+        try:
+            self._sem.acquire(timeout)
+        except (posix_ipc.BusyError, posix_ipc.SignalError):
+            return False
+        return True
+
+    def close(self) -> None:
+        try:
+            self._sem.close()
+        except posix_ipc.Error:
+            pass
+
+
+def _sem_path(sem_name: str) -> str:
+    # glibc keeps named semaphores as files /dev/shm/sem.<name without the slash>.
+    return "/dev/shm/sem." + sem_name[1:]
+
+
+def create_wakeups(permissions: int) -> tuple[int, list[posix_ipc.Semaphore]]:
+    """Create the two semaphores for a fresh nonce (drawing again on a collision)."""
+    for _ in range(8):
+        nonce = _base.new_nonce()
+        made: list[posix_ipc.Semaphore] = []
+        try:
+            for sem_name in L.posix_semaphore_names(nonce):
+                made.append(
+                    posix_ipc.Semaphore(sem_name, posix_ipc.O_CREX, mode=permissions, initial_value=0)
+                )
+                if os.path.exists(_sem_path(sem_name)):
+                    _base.exact_mode(_sem_path(sem_name), permissions)
+        except posix_ipc.ExistentialError:
+            _unlink_sems(made)
+            continue
+        except OSError as exc:
+            _unlink_sems(made)
+            if exc.errno in _NOSPACE_ERRNOS:
+                raise NoSpace(f"cannot create wakeup semaphores: {exc.strerror}") from exc
+            raise
+        except BaseException:
+            _unlink_sems(made)
+            raise
+        return nonce, made
+    raise ChannelExists("could not find free semaphore names after 8 random nonces")
+
+
+def _unlink_sems(sems: list[posix_ipc.Semaphore]) -> None:
+    for sem in sems:
+        try:
+            sem.unlink()
+        except posix_ipc.Error:
+            pass
+        try:
+            sem.close()
+        except posix_ipc.Error:
+            pass
+
+
+def unlink_wakeups(nonce: int) -> None:
+    for sem_name in L.posix_semaphore_names(nonce):
+        try:
+            posix_ipc.unlink_semaphore(sem_name)
+        except posix_ipc.ExistentialError:
+            pass
+
+
+def fallocate(fd: int, size: int) -> None:
+    """Back every byte now, so a full tmpfs is an ENOSPC here instead of a SIGBUS later."""
+    while True:
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return
+        except InterruptedError:
+            continue
+        except OSError as exc:
+            if exc.errno in _NOSPACE_ERRNOS:
+                raise NoSpace(f"cannot allocate {size} bytes for the channel: {exc.strerror}") from exc
+            raise
+
+
+def build(
+    name: str,
+    backend: str,
+    fd: int,
+    capacity: int,
+    max_record: int,
+    permissions: int,
+) -> Segment:
+    """Initialise a freshly and exclusively created file ``fd`` into a published segment.
+
+    On failure everything this function made is undone and the fd is left open for
+    the caller, who unlinks the name and closes it.
+    """
+    total = L.HEADER_SIZE + capacity
+    os.fchmod(fd, permissions)  # exact, whatever the umask
+    os.ftruncate(fd, total)
+    fallocate(fd, total)
+    mm = mmap.mmap(fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    sems: list[posix_ipc.Semaphore] = []
+    try:
+        nonce, sems = create_wakeups(permissions)
+        buf = memoryview(mm)
+        info = _base.initial_header(capacity, max_record, nonce, L.LOCK_OFD, L.WAKEUP_POSIX)
+        _base.publish(buf, info)
+    except BaseException:
+        _unlink_sems(sems)
+        mm.close()
+        raise
+    handle = FileHandle(os.dup(fd))
+    return _segment(name, backend, handle, mm, buf, info, sems)
+
+
+def attach(
+    name: str,
+    backend: str,
+    fd: int,
+    timeout: float,
+) -> Segment:
+    """Validate the file ``fd`` and attach to it. The caller closes ``fd`` afterwards."""
+
+    def get_magic() -> int | None:
+        if os.fstat(fd).st_size < L.HEADER_SIZE:
+            return None
+        return int.from_bytes(os.pread(fd, 8, 0), "little")
+
+    _base.wait_published(get_magic, timeout, name)
+    size = os.fstat(fd).st_size
+    mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    buf = memoryview(mm)
+    sems: list[posix_ipc.Semaphore] = []
+    try:
+        info = _base.validate(buf, size, name, L.LOCK_OFD, L.WAKEUP_POSIX)
+        try:
+            for sem_name in L.posix_semaphore_names(info.nonce):
+                sems.append(posix_ipc.Semaphore(sem_name))
+        except posix_ipc.ExistentialError as exc:
+            raise CorruptChannel(
+                f"{name!r}: its wakeup semaphores are missing (removed by another process?)"
+            ) from exc
+    except BaseException:
+        for sem in sems:
+            sem.close()
+        buf.release()
+        mm.close()
+        raise
+    handle = FileHandle(os.dup(fd))
+    return _segment(name, backend, handle, mm, buf, info, sems)
+
+
+def _segment(
+    name: str,
+    backend: str,
+    handle: FileHandle,
+    mm: mmap.mmap,
+    buf: memoryview,
+    info: L.HeaderInfo,
+    sems: list[posix_ipc.Semaphore],
+) -> Segment:
+    def close_map() -> None:
+        buf.release()
+        mm.close()
+
+    seg = Segment(
+        name=name,
+        backend=backend,
+        buf=buf,
+        info=info,
+        wlock=OfdMutex(handle, L.OFD_WRITE_LOCK_BYTE),
+        rlock=OfdMutex(handle, L.OFD_READ_LOCK_BYTE),
+        not_empty=PosixSemWakeup(sems[0]),
+        not_full=PosixSemWakeup(sems[1]),
+    )
+    seg.closers += [close_map, handle.close]
+    seg.fork_hooks.append(handle.reopen)
+    return seg
+
+
+def read_nonce(fd: int) -> int | None:
+    """The nonce of a published segment, or None if the file is not one."""
+    try:
+        head = os.pread(fd, 48, 0)
+    except OSError:
+        return None
+    if len(head) < 48 or int.from_bytes(head[:8], "little") != L.MAGIC:
+        return None
+    return int.from_bytes(head[L.OFF["nonce"] : L.OFF["nonce"] + 8], "little")
+
+
+def guard(what: str, fn: Callable[[], Segment]) -> Segment:
+    """Translate stray OS errors of a create/open into shmchan's tree."""
+    try:
+        return fn()
+    except ShmchanError:
+        raise
+    except OSError as exc:
+        if exc.errno in _NOSPACE_ERRNOS:
+            raise NoSpace(f"{what}: {exc.strerror}") from exc
+        raise

@@ -1,0 +1,81 @@
+"""The ``posix`` backend (the default): POSIX shared memory and POSIX named semaphores.
+
+The segment is ``shm_open(name)`` (on Linux a file ``/dev/shm/<name>``), locks are
+OFD locks on its descriptor and wakeups are two POSIX named semaphores whose names
+derive from the header's nonce (see :mod:`shmchan._backends._filebacked`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import posix_ipc
+
+from .._errors import ChannelExists, ChannelNotFound
+from . import _base, _filebacked
+from ._base import Segment
+
+
+class PosixBackend:
+    """POSIX shm + POSIX named semaphores, via ``posix_ipc``."""
+
+    name = "posix"
+
+    def normalize_name(self, name: str) -> str:
+        return _base.check_ipc_name(name)
+
+    def create(self, name: str, capacity: int, max_record: int, permissions: int) -> Segment:
+        name = self.normalize_name(name)
+        try:
+            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=permissions, size=0)
+        except posix_ipc.ExistentialError as exc:
+            raise ChannelExists(f"channel {name!r} already exists (posix)") from exc
+        fd = shm.fd  # ours to close: posix_ipc never closes it behind our back
+        try:
+            return _filebacked.guard(
+                f"creating {name!r}",
+                lambda: _filebacked.build(name, self.name, fd, capacity, max_record, permissions),
+            )
+        except BaseException:
+            _unlink_quietly(name)
+            raise
+        finally:
+            os.close(fd)
+
+    def open(self, name: str, timeout: float) -> Segment:
+        name = self.normalize_name(name)
+        try:
+            shm = posix_ipc.SharedMemory(name)
+        except posix_ipc.ExistentialError as exc:
+            raise ChannelNotFound(f"no channel {name!r} (posix)") from exc
+        fd = shm.fd
+        try:
+            return _filebacked.guard(
+                f"opening {name!r}", lambda: _filebacked.attach(name, self.name, fd, timeout)
+            )
+        finally:
+            os.close(fd)
+
+    def remove(self, name: str) -> None:
+        name = self.normalize_name(name)
+        try:
+            shm = posix_ipc.SharedMemory(name)
+        except posix_ipc.ExistentialError as exc:
+            raise ChannelNotFound(f"no channel {name!r} (posix)") from exc
+        try:
+            nonce = _filebacked.read_nonce(shm.fd)
+        finally:
+            os.close(shm.fd)
+        if nonce is not None:
+            _filebacked.unlink_wakeups(nonce)
+        _unlink_quietly(name)
+
+
+def _unlink_quietly(name: str) -> None:
+    try:
+        posix_ipc.unlink_shared_memory(name)
+    except posix_ipc.ExistentialError:
+        pass
+
+
+backend_class = PosixBackend

@@ -1,0 +1,345 @@
+"""The ``sysv`` backend: SysV shared memory and SysV semaphores via ``sysv_ipc``.
+
+Names map to SysV keys by a documented hash (docs/layout.md, "SysV keys"), one key
+per object: the segment and four single-semaphore sets (write lock, read lock,
+not-empty, not-full). The locks are operated with ``SEM_UNDO``, so the kernel
+releases a lock whose holder dies. The header records every semaphore id.
+
+Removal: SysV semaphores are destroyed at once by ``IPC_RMID`` (they have no
+reference count, unlike POSIX names), so removing a sysv channel ends it for every
+handle: an operation on a handle whose channel was removed raises ChannelNotFound.
+
+Timed waits: sysv_ipc wheels built without ``semtimedop`` report
+``SEMAPHORE_TIMEOUT_SUPPORTED == False`` and treat every timeout (even 0) as
+infinite. That is detected at import; such builds get their timed waits from
+libc's ``semtimedop`` through ctypes, and non-blocking attempts use ``IPC_NOWAIT``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import os
+import threading
+import time
+from typing import Final
+
+import sysv_ipc
+
+from .. import _layout as L
+from .._errors import ChannelExists, ChannelNotFound, CorruptChannel, NoSpace, ShmchanError
+from .._fence import remaining
+from . import _base
+from ._base import Segment
+
+TIMEOUTS_FROM_SYSV_IPC: Final = bool(sysv_ipc.SEMAPHORE_TIMEOUT_SUPPORTED)
+"""Whether this sysv_ipc build does timed waits itself (else libc semtimedop is used)."""
+
+_SEM_UNDO: Final = 0x1000  # <sys/sem.h> on Linux
+_ROLES: Final = ("shm", "wlock", "rlock", "ne", "nf")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _Sembuf(ctypes.Structure):
+    _fields_ = (("sem_num", ctypes.c_ushort), ("sem_op", ctypes.c_short), ("sem_flg", ctypes.c_short))
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
+
+
+_semtimedop = _libc.semtimedop
+_semtimedop.argtypes = (ctypes.c_int, ctypes.POINTER(_Sembuf), ctypes.c_size_t, ctypes.POINTER(_Timespec))
+_semtimedop.restype = ctypes.c_int
+
+
+def sysv_key(name: str, role: str) -> int:
+    """The SysV key of one object of channel ``name`` (role: shm, wlock, rlock, ne, nf).
+
+    First four bytes, little-endian, of SHA-256 over ``b"shmchan\\0" + role + b"\\0" +
+    name`` (UTF-8), masked to 31 bits; 0 (IPC_PRIVATE) becomes 1.
+    """
+    digest = hashlib.sha256(b"shmchan\0" + role.encode() + b"\0" + name.encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF or 1
+
+
+def _removed(exc: BaseException | None = None) -> ChannelNotFound:
+    err = ChannelNotFound("the channel was removed (its SysV semaphores no longer exist)")
+    err.__cause__ = exc
+    return err
+
+
+def _timed_op(sem: sysv_ipc.Semaphore, flags: int, timeout: float | None) -> bool:
+    """Take one unit of ``sem`` within ``timeout`` seconds (None: no limit).
+
+    Return False on timeout or when a signal interrupted the wait; raise
+    ChannelNotFound if the semaphore was removed.
+    """
+    try:
+        return _timed_op_raw(sem, flags, timeout)
+    except sysv_ipc.ExistentialError as exc:
+        raise _removed(exc) from exc
+
+
+def _timed_op_raw(sem: sysv_ipc.Semaphore, flags: int, timeout: float | None) -> bool:
+    if timeout is not None and timeout <= 0:
+        sem.block = False
+        try:
+            sem.acquire()
+        except sysv_ipc.BusyError:
+            return False
+        finally:
+            sem.block = True
+        return True
+    if timeout is None or TIMEOUTS_FROM_SYSV_IPC:
+        try:
+            sem.acquire(timeout)
+        except sysv_ipc.BusyError:
+            return False
+        except sysv_ipc.Error as exc:
+            if "signal" in str(exc).lower():  # sysv_ipc's EINTR: 'Signaled while waiting'
+                return False
+            raise
+        return True
+    whole = int(timeout)
+    ts = _Timespec(whole, int((timeout - whole) * 1e9))
+    op = _Sembuf(0, -1, flags)
+    if _semtimedop(sem.id, ctypes.byref(op), 1, ctypes.byref(ts)) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EAGAIN, errno.EINTR):
+        return False
+    if err in (errno.EIDRM, errno.EINVAL):
+        raise _removed()
+    raise OSError(err, os.strerror(err))
+
+
+class SysVMutex:
+    """A SysV semaphore (value 1 = free) operated with SEM_UNDO, plus a thread lock."""
+
+    def __init__(self, sem: sysv_ipc.Semaphore) -> None:
+        sem.undo = True
+        self._sem = sem
+        self._tlock = threading.RLock()
+        self._held = False
+
+    def acquire(self, deadline: float | None) -> bool:
+        tlock = self._tlock
+        if deadline is None:
+            tlock.acquire()
+        elif not tlock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return False
+        try:
+            while True:
+                left = remaining(deadline)
+                if _timed_op(self._sem, _SEM_UNDO, left):
+                    self._held = True
+                    return True
+                if left is not None and remaining(deadline) == 0:
+                    tlock.release()
+                    return False
+        except BaseException:
+            tlock.release()
+            raise
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            try:
+                self._sem.release()
+            except sysv_ipc.ExistentialError as exc:
+                raise _removed(exc) from exc
+            finally:
+                self._tlock.release()
+
+    def after_fork_in_child(self) -> None:
+        # SEM_UNDO adjustments are not inherited: the child holds nothing.
+        self._tlock = threading.RLock()
+        self._held = False
+
+
+class SysVWakeup:
+    """A SysV semaphore used as a wakeup counter (no SEM_UNDO)."""
+
+    def __init__(self, sem: sysv_ipc.Semaphore) -> None:
+        self._sem = sem
+
+    def post(self) -> None:
+        try:
+            self._sem.release()
+        except sysv_ipc.ExistentialError as exc:
+            raise _removed(exc) from exc
+
+    def value(self) -> int:
+        try:
+            return int(self._sem.value)
+        except sysv_ipc.ExistentialError as exc:
+            raise _removed(exc) from exc
+
+    def wait(self, timeout: float) -> bool:
+        return _timed_op(self._sem, 0, timeout)
+
+    def close(self) -> None:
+        pass  # SysV semaphores have no per-process handle to drop
+
+
+class SysVBackend:
+    """SysV shm + SysV semaphores, via ``sysv_ipc``."""
+
+    name = "sysv"
+
+    def normalize_name(self, name: str) -> str:
+        return _base.check_ipc_name(name)
+
+    def create(self, name: str, capacity: int, max_record: int, permissions: int) -> Segment:
+        name = self.normalize_name(name)
+        total = L.HEADER_SIZE + capacity
+        made: list[sysv_ipc.Semaphore] = []
+        shm = None
+        try:
+            try:
+                # sysv_ipc fills a new segment with init_character: that touches every
+                # page now, so memory that cannot be backed fails here (ENOMEM at
+                # shmget under overcommit accounting), never as a SIGBUS later.
+                shm = sysv_ipc.SharedMemory(
+                    sysv_key(name, "shm"),
+                    sysv_ipc.IPC_CREX,
+                    mode=permissions,
+                    size=total,
+                    init_character=b"\0",
+                )
+            except sysv_ipc.ExistentialError as exc:
+                raise ChannelExists(f"channel {name!r} already exists (sysv)") from exc
+            except (sysv_ipc.Error, OSError, ValueError, MemoryError) as exc:
+                raise NoSpace(f"cannot create a {total}-byte SysV segment: {exc}") from exc
+            for role, initial in (("wlock", 1), ("rlock", 1), ("ne", 0), ("nf", 0)):
+                try:
+                    made.append(
+                        sysv_ipc.Semaphore(
+                            sysv_key(name, role),
+                            sysv_ipc.IPC_CREX,
+                            mode=permissions,
+                            initial_value=initial,
+                        )
+                    )
+                except sysv_ipc.ExistentialError as exc:
+                    raise ChannelExists(f"a semaphore of channel {name!r} already exists") from exc
+                except (sysv_ipc.Error, OSError) as exc:
+                    raise NoSpace(f"cannot create SysV semaphores (kernel.sem limits?): {exc}") from exc
+            buf = memoryview(shm)
+            try:
+                info = _base.initial_header(
+                    capacity,
+                    max_record,
+                    _base.new_nonce(),
+                    L.LOCK_SYSV,
+                    L.WAKEUP_SYSV,
+                    semid_wlock=made[0].id,
+                    semid_rlock=made[1].id,
+                    semid_ne=made[2].id,
+                    semid_nf=made[3].id,
+                )
+                _base.publish(buf, info)
+            except BaseException:
+                buf.release()
+                raise
+        except BaseException:
+            for sem in made:
+                _remove_quietly(sem)
+            if shm is not None:
+                shm.detach()
+                _remove_quietly(shm)
+            raise
+        return self._segment(name, shm, buf, info, made)
+
+    def open(self, name: str, timeout: float) -> Segment:
+        name = self.normalize_name(name)
+        try:
+            shm = sysv_ipc.SharedMemory(sysv_key(name, "shm"))
+        except sysv_ipc.ExistentialError as exc:
+            raise ChannelNotFound(f"no channel {name!r} (sysv)") from exc
+        buf = memoryview(shm)
+        try:
+            size = buf.nbytes
+            _base.wait_published(
+                lambda: _base.read_magic(buf) if size >= L.HEADER_SIZE else None, timeout, name
+            )
+            info = _base.validate(buf, size, name, L.LOCK_SYSV, L.WAKEUP_SYSV)
+            sems = []
+            for role, semid in zip(
+                _ROLES[1:],
+                (info.semid_wlock, info.semid_rlock, info.semid_ne, info.semid_nf),
+                strict=True,
+            ):
+                try:
+                    sem = sysv_ipc.Semaphore(sysv_key(name, role))
+                except sysv_ipc.ExistentialError as exc:
+                    raise CorruptChannel(f"{name!r}: its {role} semaphore is missing") from exc
+                if sem.id != semid:
+                    raise CorruptChannel(f"{name!r}: its {role} semaphore is not the one it was created with")
+                sems.append(sem)
+        except BaseException:
+            buf.release()
+            shm.detach()
+            raise
+        return self._segment(name, shm, buf, info, sems)
+
+    def _segment(
+        self,
+        name: str,
+        shm: sysv_ipc.SharedMemory,
+        buf: memoryview,
+        info: L.HeaderInfo,
+        sems: list[sysv_ipc.Semaphore],
+    ) -> Segment:
+        for sem in sems[2:]:
+            sem.undo = False
+            sem.block = True
+
+        def close_map() -> None:
+            buf.release()
+            try:
+                shm.detach()
+            except sysv_ipc.Error:
+                pass
+
+        seg = Segment(
+            name=name,
+            backend=self.name,
+            buf=buf,
+            info=info,
+            wlock=SysVMutex(sems[0]),
+            rlock=SysVMutex(sems[1]),
+            not_empty=SysVWakeup(sems[2]),
+            not_full=SysVWakeup(sems[3]),
+        )
+        seg.closers.append(close_map)
+        return seg
+
+    def remove(self, name: str) -> None:
+        name = self.normalize_name(name)
+        found = False
+        for role in _ROLES:
+            cls = sysv_ipc.SharedMemory if role == "shm" else sysv_ipc.Semaphore
+            try:
+                obj = cls(sysv_key(name, role))
+            except sysv_ipc.ExistentialError:
+                continue
+            found = True
+            _remove_quietly(obj)
+            if isinstance(obj, sysv_ipc.SharedMemory):
+                obj.detach()  # constructing it attached it; IPC_RMID waits for nattch 0
+        if not found:
+            raise ChannelNotFound(f"no channel {name!r} (sysv)")
+
+
+def _remove_quietly(obj: sysv_ipc.SharedMemory | sysv_ipc.Semaphore) -> None:
+    try:
+        obj.remove()
+    except (sysv_ipc.ExistentialError, ShmchanError):
+        pass
+
+
+backend_class = SysVBackend

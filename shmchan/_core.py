@@ -1,0 +1,201 @@
+"""ChannelCore: ring + locks + wakeups, with deadlines. The faces are thin over it.
+
+This is the one place that orders "write, publish, signal" and "register, re-check,
+sleep" (docs/layout.md, "Waiting and waking"):
+
+* a put takes the write lock, writes and commits the record (the tail store), drops
+  the lock, then fences and posts not-empty if a consumer is registered as waiting;
+* a consumer that finds the ring empty registers in ``consumers_waiting`` under the
+  read lock, fences, re-checks, and only then sleeps on not-empty; producers mirror it.
+
+Semaphores are hints, never locks: a missing post costs at most one wait slice
+(:data:`WAIT_SLICE`), a stray post costs one spurious wakeup, and a post is only made
+while the semaphore's value is 0, so values stay bounded by the number of posters.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import weakref
+from collections.abc import Callable
+from typing import Final
+
+from . import _layout as L
+from ._backends._base import Mutex, Segment, Wakeup
+from ._errors import CorruptChannel
+from ._fence import full_fence
+from ._ring import Ring
+
+WAIT_SLICE: Final = 0.25
+"""Longest single sleep on a semaphore. Bounds how late a waiter notices a post lost
+to a peer's death (SIGKILL between commit and post) or a channel marked corrupt."""
+
+LOCK_GRACE: Final = 0.005
+"""Even a non-blocking call may wait this long for a lock that another process holds
+for its microsecond-long critical section; it never waits for data or space."""
+
+_live: weakref.WeakSet[ChannelCore] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for core in list(_live):
+        core.after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _lock_deadline(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    return max(deadline, time.monotonic() + LOCK_GRACE)
+
+
+class ChannelCore:
+    """Byte-level send/receive with deadlines over one attached segment."""
+
+    def __init__(self, seg: Segment) -> None:
+        self.seg = seg
+        self.ring = Ring(seg.buf, seg.info.capacity, seg.info.max_record)
+        self.max_payload = self.ring.max_payload
+        _live.add(self)
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def close(self) -> None:
+        _live.discard(self)
+        self.ring.release()
+        self.seg.close()
+
+    def after_fork_in_child(self) -> None:
+        self.seg.after_fork_in_child()
+
+    def _check_state(self) -> None:
+        if self.ring.state() != L.STATE_NORMAL:
+            raise CorruptChannel(f"channel {self.seg.name!r} was marked corrupt")
+
+    # -- send ---------------------------------------------------------------------
+
+    def send(self, payload: memoryview, rtype: int, deadline: float | None) -> bool:
+        """Append one record. Return False if ``deadline`` passed with no room.
+
+        Blocks (sleeping, not spinning) while the ring is full. A KeyboardInterrupt
+        leaves the ring unchanged and unlocked.
+        """
+        ring = self.ring
+        seg = self.seg
+        lock = seg.wlock
+        registered = False
+        try:
+            while True:
+                if not lock.acquire(_lock_deadline(deadline)):
+                    return False
+                try:
+                    if registered:
+                        ring.add_producers_waiting(-1)
+                        registered = False
+                    self._check_state()
+                    if ring.try_write(payload, rtype):
+                        break
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return False
+                    ring.add_producers_waiting(1)
+                    registered = True
+                    full_fence()  # Dekker: registration visible before the re-check
+                    if ring.try_write(payload, rtype):
+                        ring.add_producers_waiting(-1)
+                        registered = False
+                        break
+                finally:
+                    lock.release()
+                _sleep(seg.not_full, deadline)
+        except BaseException:
+            if registered:
+                self._deregister(lock, ring.add_producers_waiting)
+            raise
+        # Dekker: the tail store is visible before we read consumers_waiting.
+        full_fence()
+        if ring.consumers_waiting():
+            _post_if_zero(seg.not_empty)
+        if ring.producers_waiting():
+            _post_if_zero(seg.not_full)  # pass the baton to another waiting producer
+        return True
+
+    # -- receive --------------------------------------------------------------------
+
+    def recv(self, deadline: float | None) -> tuple[int, bytes] | None:
+        """Remove the oldest record as ``(type, payload)``; None if ``deadline`` passed.
+
+        Blocks (sleeping, not spinning) while the ring is empty. A KeyboardInterrupt
+        while waiting consumes nothing.
+        """
+        ring = self.ring
+        seg = self.seg
+        lock = seg.rlock
+        registered = False
+        try:
+            while True:
+                if not lock.acquire(_lock_deadline(deadline)):
+                    return None
+                try:
+                    if registered:
+                        ring.add_consumers_waiting(-1)
+                        registered = False
+                    self._check_state()
+                    got = ring.try_read()
+                    if got is not None:
+                        break
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return None
+                    ring.add_consumers_waiting(1)
+                    registered = True
+                    full_fence()  # Dekker: registration visible before the re-check
+                    got = ring.try_read()
+                    if got is not None:
+                        ring.add_consumers_waiting(-1)
+                        registered = False
+                        break
+                finally:
+                    lock.release()
+                _sleep(seg.not_empty, deadline)
+        except BaseException:
+            if registered:
+                self._deregister(lock, ring.add_consumers_waiting)
+            raise
+        # Dekker: the head store is visible before we read producers_waiting.
+        full_fence()
+        if ring.producers_waiting():
+            _post_if_zero(seg.not_full)
+        if ring.consumers_waiting() and not ring.is_empty():
+            _post_if_zero(seg.not_empty)  # more data: pass the baton to another consumer
+        return got
+
+    @staticmethod
+    def _deregister(lock: Mutex, adjust: Callable[[int], None]) -> None:
+        # Best effort, bounded: if the lock can't be had within a second the counter
+        # stays one too high, which only costs producers an extra semaphore check.
+        if lock.acquire(time.monotonic() + 1.0):
+            try:
+                adjust(-1)
+            finally:
+                lock.release()
+
+    # -- introspection ----------------------------------------------------------------
+
+    def used_bytes(self) -> int:
+        return self.ring.used()
+
+
+def _sleep(wakeup: Wakeup, deadline: float | None) -> None:
+    if deadline is None:
+        wakeup.wait(WAIT_SLICE)
+        return
+    left = deadline - time.monotonic()
+    if left > 0:
+        wakeup.wait(min(left, WAIT_SLICE))
+
+
+def _post_if_zero(wakeup: Wakeup) -> None:
+    if wakeup.value() == 0:
+        wakeup.post()

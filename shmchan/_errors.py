@@ -1,0 +1,146 @@
+"""The shmchan exception tree.
+
+Every class also subclasses the stdlib type that code written for
+``multiprocessing`` or plain files already catches, so adopting shmchan never
+silently changes which ``except`` clause runs::
+
+    ShmchanError
+    ├── Empty                 (+ queue.Empty)        nothing to receive before the deadline
+    ├── Full                  (+ queue.Full)         no room to send before the deadline
+    ├── MessageTooLarge       (+ ValueError)         payload can never fit this ring
+    ├── ClosedChannel         (+ ValueError)         this handle was closed by your code
+    ├── UndecodableMessage    (+ ValueError)         a record of a type this reader can't decode
+    ├── LayoutError           (+ ValueError)         the segment is not a usable v1 ring
+    │   ├── NotAShmchanSegment                       wrong magic: foreign or squatted name
+    │   ├── IncompatibleLayout                       unknown major version or feature bit
+    │   └── CorruptChannel                           impossible sizes, positions or records
+    ├── InitializationTimeout (+ TimeoutError)       creator never published the segment
+    ├── ChannelExists         (+ FileExistsError)    create() found the name taken
+    ├── ChannelNotFound       (+ FileNotFoundError)  open()/remove() found no such channel
+    ├── NoSpace               (+ OSError, ENOSPC)    the OS could not back the memory
+    └── BackendUnavailable    (+ ImportError)        the backend's module or OS support is missing
+"""
+
+from __future__ import annotations
+
+import errno
+import queue
+
+__all__ = (
+    "BackendUnavailable",
+    "ChannelExists",
+    "ChannelNotFound",
+    "ClosedChannel",
+    "CorruptChannel",
+    "Empty",
+    "Full",
+    "IncompatibleLayout",
+    "InitializationTimeout",
+    "LayoutError",
+    "MessageTooLarge",
+    "NoSpace",
+    "NotAShmchanSegment",
+    "ShmchanError",
+    "UndecodableMessage",
+)
+
+
+class ShmchanError(Exception):
+    """Base class of every exception shmchan raises on its own account."""
+
+
+class Empty(ShmchanError, queue.Empty):
+    """Raised when a receive finds nothing before its deadline (or at once, non-blocking).
+
+    Nothing was consumed. It is a :class:`queue.Empty`, like ``multiprocessing``'s.
+    """
+
+
+class Full(ShmchanError, queue.Full):
+    """Raised when a send finds no room before its deadline (or at once, non-blocking).
+
+    Nothing was written. It is a :class:`queue.Full`, like ``multiprocessing``'s.
+    """
+
+
+class MessageTooLarge(ShmchanError, ValueError):
+    """Raised at once when a message is larger than the ring's maximum record.
+
+    It is raised before anything blocks, even for a blocking send with no timeout:
+    waiting could never help. Nothing was written.
+    """
+
+
+class ClosedChannel(ShmchanError, ValueError):
+    """Raised when a handle is used after *your* code called its ``close()``.
+
+    It says nothing about other processes: the channel itself may still be in use.
+    It is a :class:`ValueError`, as for a closed ``multiprocessing.Queue``.
+    """
+
+
+class UndecodableMessage(ShmchanError, ValueError):
+    """Raised when a received record has a type this reader cannot decode.
+
+    The record was consumed (so it cannot poison the channel); its raw payload and
+    type are kept in :attr:`payload` and :attr:`record_type`.
+    """
+
+    def __init__(self, message: str, *, record_type: int, payload: bytes) -> None:
+        super().__init__(message)
+        self.record_type = record_type
+        self.payload = payload
+
+
+class LayoutError(ShmchanError, ValueError):
+    """Raised when a segment is not a usable shmchan v1 ring (see subclasses)."""
+
+
+class NotAShmchanSegment(LayoutError):
+    """Raised when the segment's magic is not shmchan's: a foreign or squatted name."""
+
+
+class IncompatibleLayout(LayoutError):
+    """Raised when the segment uses a layout major version or feature this build lacks."""
+
+
+class CorruptChannel(LayoutError):
+    """Raised when header fields, positions or a record are impossible.
+
+    When a reader detects corruption in the ring it also marks the channel corrupt
+    in the shared header, so every other handle raises this error too, instead of
+    reading garbage or waiting forever.
+    """
+
+
+class InitializationTimeout(ShmchanError, TimeoutError):
+    """Raised by ``open()`` when the segment exists but its creator never published it.
+
+    The creator may still be initialising (retry), or may have died half way
+    (remove the name).
+    """
+
+
+class ChannelExists(ShmchanError, FileExistsError):
+    """Raised by ``create()`` when the name (or a semaphore derived from it) is taken."""
+
+
+class ChannelNotFound(ShmchanError, FileNotFoundError):
+    """Raised by ``open()`` or ``remove()`` when no channel has that name."""
+
+
+class NoSpace(ShmchanError, OSError):
+    """Raised at creation when the OS cannot back the memory (``errno.ENOSPC``).
+
+    Typical causes: a full ``/dev/shm`` or tmpfs, or SysV limits (``kernel.shmall``,
+    ``kernel.shmmni``). Everything created so far has been rolled back. shmchan
+    allocates the memory up front, so a channel that was created never dies of SIGBUS
+    later because the tmpfs filled up.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+
+class BackendUnavailable(ShmchanError, ImportError):
+    """Raised when a backend is unknown, or its module or OS support is missing."""

@@ -1,0 +1,304 @@
+"""The Channel API on every backend: naming, sizes, timeouts, errors, pickling, fork."""
+
+from __future__ import annotations
+
+import array
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import threading
+import time
+
+import pytest
+
+import shmchan
+from shmchan import Channel
+
+
+def test_round_trip_between_two_handles(backend: str, name: str) -> None:
+    with (
+        Channel.create(name, capacity=4096, backend=backend) as tx,
+        Channel.open(name, backend=backend) as rx,
+    ):
+        for msg in (b"", b"a", b"hello world", bytes(range(256)) * 7):
+            tx.send_bytes(msg)
+            assert rx.recv_bytes(timeout=5) == msg
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        bytearray(b"abc"),
+        memoryview(b"xyzw")[1:3],
+        array.array("i", [1, 2, 3]),
+        memoryview(bytes(range(20))).cast("B", (4, 5)),
+        memoryview(bytes(range(20)))[::2],  # not contiguous: copied once
+    ],
+    ids=["bytearray", "slice", "array", "2d", "strided"],
+)
+def test_any_bytes_like_is_accepted(channel: Channel, data: object) -> None:
+    channel.send_bytes(data)
+    assert channel.recv_bytes_nowait() == memoryview(data).tobytes()  # type: ignore[arg-type]
+
+
+def test_non_buffer_is_a_type_error(channel: Channel) -> None:
+    with pytest.raises(TypeError):
+        channel.send_bytes("text is not bytes")
+
+
+def test_message_too_large_raises_at_once_even_blocking(backend: str, name: str) -> None:
+    with Channel.create(name, capacity=4096, backend=backend) as ch:
+        assert ch.max_message == 2048 - 16
+        ch.send_bytes(b"x" * ch.max_message)  # the largest one fits an empty ring
+        start = time.monotonic()
+        with pytest.raises(shmchan.MessageTooLarge) as info:
+            ch.send_bytes(b"x" * (ch.max_message + 1))  # blocking, no timeout
+        assert time.monotonic() - start < 0.1
+        assert isinstance(info.value, ValueError)
+        assert ch.recv_bytes_nowait() == b"x" * ch.max_message
+        with pytest.raises(shmchan.Empty):
+            ch.recv_bytes_nowait()
+
+
+def test_max_message_option(backend: str, name: str) -> None:
+    with Channel.create(name, capacity=8192, max_message=100, backend=backend) as ch:
+        assert ch.max_message == 112  # 16 + 100 rounded up to 16-byte records: 128 - 16
+        ch.send_bytes(b"y" * 112)
+        with pytest.raises(shmchan.MessageTooLarge):
+            ch.send_bytes(b"y" * 113)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc"),
+    [
+        ({"capacity": 1000}, ValueError),
+        ({"capacity": 1 << 41}, ValueError),
+        ({"capacity": 4096, "max_message": 4096}, ValueError),
+        ({"capacity": 4096, "max_message": -1}, ValueError),
+        ({"capacity": "big"}, TypeError),
+        ({"permissions": 0o1777}, ValueError),
+    ],
+)
+def test_bad_sizes_are_rejected(backend: str, name: str, kwargs: dict[str, object], exc: type) -> None:
+    with pytest.raises(exc):
+        Channel.create(name, backend=backend, **kwargs)  # type: ignore[arg-type]
+
+
+def test_capacity_rounds_up_to_a_power_of_two(backend: str, name: str) -> None:
+    with Channel.create(name, capacity=5000, backend=backend) as ch:
+        assert ch.capacity == 8192
+
+
+def test_timeout_on_empty_is_honoured(channel: Channel) -> None:
+    start = time.monotonic()
+    with pytest.raises(shmchan.Empty) as info:
+        channel.recv_bytes(timeout=0.2)
+    elapsed = time.monotonic() - start
+    assert 0.2 <= elapsed < 0.4
+    assert isinstance(info.value, queue.Empty)
+
+
+def test_timeout_on_full_is_honoured(backend: str, name: str) -> None:
+    with Channel.create(name, capacity=4096, backend=backend) as ch:
+        while True:
+            try:
+                ch.send_bytes_nowait(b"z" * 1000)
+            except shmchan.Full:
+                break
+        start = time.monotonic()
+        with pytest.raises(shmchan.Full) as info:
+            ch.send_bytes(b"z" * 1000, timeout=0.2)
+        assert 0.2 <= time.monotonic() - start < 0.4
+        assert isinstance(info.value, queue.Full)
+
+
+def test_zero_timeout_never_blocks(channel: Channel) -> None:
+    for call in (channel.recv_bytes_nowait, lambda: channel.recv_bytes(timeout=0)):
+        start = time.monotonic()
+        with pytest.raises(shmchan.Empty):
+            call()
+        assert time.monotonic() - start < 0.05
+
+
+def test_zero_timeout_never_blocks_on_a_held_lock(channel: Channel) -> None:
+    # Another handle (think: a process stopped inside a get) holds the read lock.
+    other = Channel.open(channel.name, backend=channel.backend)
+    try:
+        assert other._core.seg.rlock.acquire(None)
+        channel.send_bytes(b"data")
+        start = time.monotonic()
+        with pytest.raises(shmchan.Empty):
+            channel.recv_bytes_nowait()
+        assert time.monotonic() - start < 0.1
+        other._core.seg.rlock.release()
+        assert channel.recv_bytes_nowait() == b"data"
+    finally:
+        other.close()
+
+
+def test_blocked_receiver_is_woken_by_a_send(channel: Channel) -> None:
+    rx = Channel.open(channel.name, backend=channel.backend)
+    got: list[bytes] = []
+    waiting = threading.Event()
+
+    def receive() -> None:
+        waiting.set()
+        got.append(rx.recv_bytes(timeout=10))
+
+    thread = threading.Thread(target=receive)
+    thread.start()
+    try:
+        assert waiting.wait(5)
+        deadline = time.monotonic() + 5
+        while channel._core.ring.consumers_waiting() == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)  # poll a shared counter with a deadline (not a sync sleep)
+        channel.send_bytes(b"wake up")
+        thread.join(5)
+        assert got == [b"wake up"]
+        assert channel._core.ring.consumers_waiting() == 0
+    finally:
+        thread.join(5)
+        rx.close()
+
+
+@pytest.mark.parametrize("bad", [-1, -0.001, float("nan")])
+def test_negative_timeout_is_a_value_error(channel: Channel, bad: float) -> None:
+    with pytest.raises(ValueError):
+        channel.recv_bytes(timeout=bad)
+    with pytest.raises(ValueError):
+        channel.send_bytes(b"x", timeout=bad)
+
+
+def test_closed_handle_raises_closed_channel(channel: Channel) -> None:
+    other = Channel.open(channel.name, backend=channel.backend)
+    other.close()
+    other.close()  # idempotent
+    assert other.closed
+    for call in (lambda: other.send_bytes(b"x"), other.recv_bytes_nowait, lambda: pickle.dumps(other)):
+        with pytest.raises(shmchan.ClosedChannel) as info:
+            call()
+        assert isinstance(info.value, ValueError)
+    channel.send_bytes(b"still fine")
+    assert channel.recv_bytes_nowait() == b"still fine"
+
+
+def test_exists_and_not_found(backend: str, name: str) -> None:
+    with pytest.raises(shmchan.ChannelNotFound) as missing:
+        Channel.open(name, backend=backend)
+    assert isinstance(missing.value, FileNotFoundError)
+    with pytest.raises(shmchan.ChannelNotFound):
+        Channel.remove(name, backend=backend)
+    with Channel.create(name, capacity=4096, backend=backend):
+        with pytest.raises(shmchan.ChannelExists) as exists:
+            Channel.create(name, capacity=4096, backend=backend)
+        assert isinstance(exists.value, FileExistsError)
+
+
+def test_unlink_semantics(backend: str, name: str) -> None:
+    """posix/mmap: open handles keep working. sysv: removal ends the channel for all
+    handles (SysV semaphores die at IPC_RMID), which they report as ChannelNotFound."""
+    tx = Channel.create(name, capacity=4096, backend=backend)
+    rx = Channel.open(name, backend=backend)
+    try:
+        tx.unlink()
+        with pytest.raises(shmchan.ChannelNotFound):
+            Channel.open(name, backend=backend)
+        if backend == "sysv":
+            with pytest.raises(shmchan.ChannelNotFound):
+                tx.send_bytes(b"after unlink")
+            with pytest.raises(shmchan.ChannelNotFound):
+                rx.recv_bytes(timeout=1)
+        else:
+            tx.send_bytes(b"after unlink")
+            assert rx.recv_bytes(timeout=1) == b"after unlink"
+    finally:
+        tx.close()
+        rx.close()
+
+
+@pytest.mark.parametrize("bad", ["", "/", "a/b", "x" * 201, ".", "..", "nul\0"])
+def test_bad_ipc_names(bad: str) -> None:
+    for backend in ("posix", "sysv"):
+        with pytest.raises(ValueError):
+            Channel.create(bad, backend=backend)
+
+
+def test_unknown_backend() -> None:
+    with pytest.raises(shmchan.BackendUnavailable) as info:
+        Channel.create("x", backend="carrier-pigeon")
+    assert isinstance(info.value, ImportError)
+
+
+def test_undecodable_record_is_consumed(channel: Channel) -> None:
+    from shmchan import _layout as L
+
+    assert channel._core.send(memoryview(b"future"), 0x8001, None)
+    channel.send_bytes(b"next")
+    with pytest.raises(shmchan.UndecodableMessage) as info:
+        channel.recv_bytes_nowait()
+    assert (info.value.record_type, info.value.payload) == (0x8001, b"future")
+    assert channel.recv_bytes_nowait() == b"next"
+    assert channel._core.ring.state() == L.STATE_NORMAL
+
+
+def test_pickle_reopens_by_name(channel: Channel) -> None:
+    clone = pickle.loads(pickle.dumps(channel))
+    try:
+        assert clone is not channel and clone.name == channel.name
+        channel.send_bytes(b"via clone")
+        assert clone.recv_bytes_nowait() == b"via clone"
+    finally:
+        clone.close()
+
+
+def _child_echo(ch: Channel, reply: Channel) -> None:
+    reply.send_bytes(ch.recv_bytes(timeout=10) + b"!")
+    ch.close()
+    reply.close()
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_handles_pass_to_children(backend: str, name: str, method: str) -> None:
+    ctx = mp.get_context(method)
+    reply_name = name + "-reply"
+    with (
+        Channel.create(name, capacity=4096, backend=backend) as ch,
+        Channel.create(reply_name, capacity=4096, backend=backend) as reply,
+    ):
+        try:
+            proc = ctx.Process(target=_child_echo, args=(ch, reply))
+            proc.start()
+            ch.send_bytes(b"ping")
+            assert reply.recv_bytes(timeout=30) == b"ping!"
+            proc.join(30)
+            assert proc.exitcode == 0
+        finally:
+            reply.unlink()
+
+
+def test_forked_child_gets_its_own_locks(backend: str, name: str) -> None:
+    """After fork, parent and child must exclude each other (OFD locks are per open file)."""
+    with Channel.create(name, capacity=4096, backend=backend) as ch:
+        assert ch._core.seg.wlock.acquire(None)
+        try:
+            pid = os.fork()
+            if pid == 0:  # child: the parent holds the write lock, so this must time out
+                try:
+                    ch.send_bytes(b"x", timeout=0.2)
+                    code = 1
+                except shmchan.Full:
+                    code = 0
+                except Exception:  # noqa: BLE001 - the child must reach os._exit whatever happens
+                    code = 2
+                os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+        finally:
+            ch._core.seg.wlock.release()
+        ch.send_bytes(b"y", timeout=1)
+        assert ch.recv_bytes_nowait() == b"y"
+
+
+def test_repr(channel: Channel) -> None:
+    assert channel.backend in repr(channel)

@@ -25,10 +25,11 @@ from ._errors import (
     ShmchanError,
     UndecodableMessage,
 )
-from ._layout import LAYOUT_MAJOR, LAYOUT_MINOR
+from ._layout import LAYOUT_MAJOR as _MAJOR
+from ._layout import LAYOUT_MINOR as _MINOR
 from ._version import __version__
 
-LAYOUT_VERSION = (LAYOUT_MAJOR, LAYOUT_MINOR)
+LAYOUT_VERSION = (_MAJOR, _MINOR)
 """The docs/layout.md version this build reads and writes: (major, minor)."""
 
 __all__ = (

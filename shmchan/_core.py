@@ -35,6 +35,10 @@ LOCK_GRACE: Final = 0.005
 """Even a non-blocking call may wait this long for a lock that another process holds
 for its microsecond-long critical section; it never waits for data or space."""
 
+DEREGISTER_PATIENCE: Final = 0.05
+"""How long a call that is leaving (timeout, Ctrl-C) waits for its lock to undo its
+waiter registration."""
+
 _live: weakref.WeakSet[ChannelCore] = weakref.WeakSet()
 
 
@@ -110,10 +114,9 @@ class ChannelCore:
                 finally:
                     lock.release()
                 _sleep(seg.not_full, deadline)
-        except BaseException:
-            if registered:
+        finally:
+            if registered:  # timed out, or interrupted, while registered as a waiter
                 self._deregister(lock, ring.add_producers_waiting)
-            raise
         # Dekker: the tail store is visible before we read consumers_waiting.
         full_fence()
         if ring.consumers_waiting():
@@ -159,10 +162,9 @@ class ChannelCore:
                 finally:
                     lock.release()
                 _sleep(seg.not_empty, deadline)
-        except BaseException:
+        finally:
             if registered:
                 self._deregister(lock, ring.add_consumers_waiting)
-            raise
         # Dekker: the head store is visible before we read producers_waiting.
         full_fence()
         if ring.producers_waiting():
@@ -173,9 +175,10 @@ class ChannelCore:
 
     @staticmethod
     def _deregister(lock: Mutex, adjust: Callable[[int], None]) -> None:
-        # Best effort, bounded: if the lock can't be had within a second the counter
-        # stays one too high, which only costs producers an extra semaphore check.
-        if lock.acquire(time.monotonic() + 1.0):
+        # Best effort and bounded (a timed-out call must not overrun much): if the lock
+        # cannot be had within DEREGISTER_PATIENCE, because its holder is stopped, the
+        # counter stays one too high, which only costs peers an extra post.
+        if lock.acquire(time.monotonic() + DEREGISTER_PATIENCE):
             try:
                 adjust(-1)
             finally:

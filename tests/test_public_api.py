@@ -1,0 +1,58 @@
+"""The public surface: __all__ is exact, and every error is also the stdlib type."""
+
+from __future__ import annotations
+
+import errno
+import queue
+
+import pytest
+
+import shmchan
+
+
+def test_all_is_a_sorted_tuple_of_every_public_name() -> None:
+    assert isinstance(shmchan.__all__, tuple)
+    future = {"annotations"}  # `from __future__ import annotations` leaves this name behind
+    public = {n for n in vars(shmchan) if not n.startswith("_") and n not in future} | {"__version__"}
+    assert set(shmchan.__all__) == public
+    assert list(shmchan.__all__) == sorted(shmchan.__all__)
+
+
+@pytest.mark.parametrize(
+    ("cls", "stdlib"),
+    [
+        (shmchan.Empty, queue.Empty),
+        (shmchan.Full, queue.Full),
+        (shmchan.MessageTooLarge, ValueError),
+        (shmchan.ClosedChannel, ValueError),
+        (shmchan.UndecodableMessage, ValueError),
+        (shmchan.LayoutError, ValueError),
+        (shmchan.NotAShmchanSegment, shmchan.LayoutError),
+        (shmchan.IncompatibleLayout, shmchan.LayoutError),
+        (shmchan.CorruptChannel, shmchan.LayoutError),
+        (shmchan.InitializationTimeout, TimeoutError),
+        (shmchan.ChannelExists, FileExistsError),
+        (shmchan.ChannelNotFound, FileNotFoundError),
+        (shmchan.NoSpace, OSError),
+        (shmchan.BackendUnavailable, ImportError),
+    ],
+)
+def test_errors_subclass_the_stdlib_type(cls: type, stdlib: type) -> None:
+    assert issubclass(cls, shmchan.ShmchanError)
+    assert issubclass(cls, stdlib)
+    assert cls.__doc__
+
+
+def test_no_space_carries_enospc() -> None:
+    err = shmchan.NoSpace("tmpfs full")
+    assert err.errno == errno.ENOSPC and "tmpfs full" in str(err)
+
+
+def test_layout_version() -> None:
+    assert shmchan.LAYOUT_VERSION == (1, 0)
+
+
+def test_backends() -> None:
+    assert shmchan.BACKENDS == ("posix", "sysv", "mmap")
+    assert shmchan.DEFAULT_BACKEND == "posix"
+    assert set(shmchan.available_backends()) <= set(shmchan.BACKENDS)

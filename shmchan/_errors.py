@@ -124,9 +124,16 @@ class InitializationTimeout(ShmchanError, TimeoutError):
 class ChannelExists(ShmchanError, FileExistsError):
     """Raised by ``create()`` when the name (or a semaphore derived from it) is taken."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EEXIST, message)
+
 
 class ChannelNotFound(ShmchanError, FileNotFoundError):
-    """Raised by ``open()`` or ``remove()`` when no channel has that name."""
+    """Raised by ``open()`` or ``remove()`` when no channel has that name, and on a
+    sysv handle whose channel was removed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOENT, message)
 
 
 class NoSpace(ShmchanError, OSError):

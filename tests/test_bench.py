@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tests.helpers.procs import child_env
+from helpers.procs import child_env
 
 
 @pytest.mark.timeout(180)

@@ -302,3 +302,50 @@ def test_forked_child_gets_its_own_locks(backend: str, name: str) -> None:
 
 def test_repr(channel: Channel) -> None:
     assert channel.backend in repr(channel)
+
+
+def test_threads_share_handles(backend: str, name: str) -> None:
+    """Threads of one process share a handle: the per-handle thread lock plus the
+    process-shared lock keep every message whole and delivered exactly once."""
+    per_thread, senders, receivers = 3000, 4, 4
+    with (
+        Channel.create(name, capacity=4096, backend=backend) as tx,
+        Channel.open(name, backend=backend) as rx,
+    ):
+        got: list[bytes] = []
+        lock = threading.Lock()
+        errors: list[BaseException] = []
+
+        def send(tid: int) -> None:
+            try:
+                for i in range(per_thread):
+                    tx.send_bytes(f"{tid}:{i}:".encode() * (i % 7 + 1), timeout=30)
+            except Exception as exc:  # noqa: BLE001 - handed to the main thread, asserted below
+                errors.append(exc)
+
+        def receive() -> None:
+            try:
+                while True:
+                    msg = rx.recv_bytes(timeout=30)
+                    if msg == b"stop":
+                        return
+                    with lock:
+                        got.append(msg)
+            except Exception as exc:  # noqa: BLE001 - handed to the main thread, asserted below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=receive) for _ in range(receivers)]
+        threads += [threading.Thread(target=send, args=(t,)) for t in range(senders)]
+        for t in threads:
+            t.start()
+        for t in threads[receivers:]:
+            t.join(60)
+        for _ in range(receivers):
+            tx.send_bytes(b"stop", timeout=30)
+        for t in threads[:receivers]:
+            t.join(60)
+        assert not errors
+        expected = sorted(
+            f"{t}:{i}:".encode() * (i % 7 + 1) for t in range(senders) for i in range(per_thread)
+        )
+        assert sorted(got) == expected

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -24,6 +25,10 @@ from typing import Any, cast
 import posix_ipc
 
 from .. import _layout as L
+
+if not posix_ipc.SEMAPHORE_TIMEOUT_SUPPORTED:  # pragma: no cover - not on Linux
+    # Without sem_timedwait every wait would be unbounded: refuse rather than hang.
+    raise ImportError("this posix_ipc build has no timed semaphore waits (sem_timedwait)")
 from .._errors import (
     ChannelExists,
     CorruptChannel,
@@ -37,6 +42,7 @@ from ._base import Segment
 # off_t l_start, off_t l_len, pid_t l_pid (must be 0 for OFD locks), padding.
 _FLOCK = struct.Struct("hhqqi4x")
 _SPIN_YIELDS = 64
+_NONCE = L.OFF["nonce"]
 _NOSPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOMEM)
 
 
@@ -136,11 +142,44 @@ class OfdMutex:
         self._tlock = threading.RLock()
 
 
+class _Timespec(ctypes.Structure):
+    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_sem_open = _libc.sem_open
+_sem_open.argtypes = (ctypes.c_char_p, ctypes.c_int)
+_sem_open.restype = ctypes.c_void_p
+_sem_close = _libc.sem_close
+_sem_close.argtypes = (ctypes.c_void_p,)
+_sem_close.restype = ctypes.c_int
+# glibc >= 2.30: sem_clockwait on CLOCK_MONOTONIC, immune to wall-clock steps.
+_sem_clockwait = getattr(_libc, "sem_clockwait", None)
+if _sem_clockwait is not None:
+    _sem_clockwait.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_Timespec))
+    _sem_clockwait.restype = ctypes.c_int
+_sem_timedwait = _libc.sem_timedwait
+_sem_timedwait.argtypes = (ctypes.c_void_p, ctypes.POINTER(_Timespec))
+_sem_timedwait.restype = ctypes.c_int
+
+
 class PosixSemWakeup:
-    """A POSIX named semaphore used as a wakeup counter."""
+    """A POSIX named semaphore used as a wakeup counter.
+
+    posix_ipc creates, posts, reads and unlinks it. Waits go to libc directly
+    (``sem_clockwait`` on CLOCK_MONOTONIC) because posix_ipc's ``acquire`` discards
+    any exception a Python signal handler raises during the wait (all but
+    KeyboardInterrupt); through ctypes the handler runs, and its exception
+    propagates, as soon as the interrupted wait returns.
+    """
 
     def __init__(self, sem: posix_ipc.Semaphore) -> None:
         self._sem = sem
+        # glibc hands back the same mapping posix_ipc already has (refcounted).
+        self._handle = _sem_open(sem.name.encode(), 0)
+        if not self._handle:
+            err = ctypes.get_errno()
+            raise OSError(err, f"sem_open({sem.name!r}): {os.strerror(err)}")
 
     def post(self) -> None:
         self._sem.release()
@@ -149,13 +188,28 @@ class PosixSemWakeup:
         return int(self._sem.value)
 
     def wait(self, timeout: float) -> bool:
-        try:
-            self._sem.acquire(timeout)
-        except (posix_ipc.BusyError, posix_ipc.SignalError):
+        if _sem_clockwait is not None:
+            clock, now = time.CLOCK_MONOTONIC, time.clock_gettime(time.CLOCK_MONOTONIC)
+        else:  # pragma: no cover - glibc < 2.30
+            clock, now = time.CLOCK_REALTIME, time.time()
+        at = now + timeout
+        whole = int(at)
+        ts = _Timespec(whole, int((at - whole) * 1e9))
+        if _sem_clockwait is not None:
+            rc = _sem_clockwait(self._handle, clock, ctypes.byref(ts))
+        else:  # pragma: no cover
+            rc = _sem_timedwait(self._handle, ctypes.byref(ts))
+        if rc == 0:
+            return True
+        err = ctypes.get_errno()
+        if err in (errno.ETIMEDOUT, errno.EINTR, errno.EAGAIN):
             return False
-        return True
+        raise OSError(err, f"waiting on {self._sem.name!r}: {os.strerror(err)}")
 
     def close(self) -> None:
+        if self._handle:
+            _sem_close(self._handle)
+            self._handle = None
         try:
             self._sem.close()
         except posix_ipc.Error:
@@ -167,10 +221,15 @@ def _sem_path(sem_name: str) -> str:
     return "/dev/shm/sem." + sem_name[1:]
 
 
-def create_wakeups(permissions: int) -> tuple[int, list[posix_ipc.Semaphore]]:
-    """Create the two semaphores for a fresh nonce (drawing again on a collision)."""
+def create_wakeups(buf: memoryview, permissions: int) -> tuple[int, list[posix_ipc.Semaphore]]:
+    """Create the two semaphores for a fresh nonce (drawing again on a collision).
+
+    Each nonce is stored in the (unpublished) header *before* its semaphores exist,
+    so that ``remove()`` finds them even if the creator dies right here.
+    """
     for _ in range(8):
         nonce = _base.new_nonce()
+        buf[_NONCE : _NONCE + 8] = nonce.to_bytes(8, "little")
         made: list[posix_ipc.Semaphore] = []
         try:
             for sem_name in L.posix_semaphore_names(nonce):
@@ -246,14 +305,15 @@ def build(
     os.ftruncate(fd, total)
     fallocate(fd, total)
     mm = mmap.mmap(fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    buf = memoryview(mm)
     sems: list[posix_ipc.Semaphore] = []
     try:
-        nonce, sems = create_wakeups(permissions)
-        buf = memoryview(mm)
+        nonce, sems = create_wakeups(buf, permissions)
         info = _base.initial_header(capacity, max_record, nonce, L.LOCK_OFD, L.WAKEUP_POSIX)
         _base.publish(buf, info)
     except BaseException:
         _unlink_sems(sems)
+        buf.release()
         mm.close()
         raise
     handle = FileHandle(os.dup(fd))
@@ -326,14 +386,18 @@ def _segment(
 
 
 def read_nonce(fd: int) -> int | None:
-    """The nonce of a published segment, or None if the file is not one."""
+    """The nonce of a segment, published or still being created; None if there is none.
+
+    A creator stores the nonce before it creates the semaphores (and magic stays 0
+    until it publishes), so this also finds the semaphores of a creator that died.
+    """
     try:
         head = os.pread(fd, 48, 0)
     except OSError:
         return None
-    if len(head) < 48 or int.from_bytes(head[:8], "little") != L.MAGIC:
+    if len(head) < 48 or int.from_bytes(head[:8], "little") not in (L.MAGIC, 0):
         return None
-    return int.from_bytes(head[L.OFF["nonce"] : L.OFF["nonce"] + 8], "little")
+    return int.from_bytes(head[_NONCE : _NONCE + 8], "little") or None
 
 
 def guard(what: str, fn: Callable[[], Segment]) -> Segment:

@@ -27,6 +27,7 @@ from ._errors import (
 )
 from ._layout import LAYOUT_MAJOR as _MAJOR
 from ._layout import LAYOUT_MINOR as _MINOR
+from ._queue import DEFAULT_QUEUE_CAPACITY, JoinableQueue, Queue, SimpleQueue
 from ._version import __version__
 
 LAYOUT_VERSION = (_MAJOR, _MINOR)
@@ -36,6 +37,7 @@ __all__ = (
     "BACKENDS",
     "DEFAULT_BACKEND",
     "DEFAULT_CAPACITY",
+    "DEFAULT_QUEUE_CAPACITY",
     "LAYOUT_VERSION",
     "BackendUnavailable",
     "Channel",
@@ -47,11 +49,14 @@ __all__ = (
     "Full",
     "IncompatibleLayout",
     "InitializationTimeout",
+    "JoinableQueue",
     "LayoutError",
     "MessageTooLarge",
     "NoSpace",
     "NotAShmchanSegment",
+    "Queue",
     "ShmchanError",
+    "SimpleQueue",
     "UndecodableMessage",
     "__version__",
     "available_backends",

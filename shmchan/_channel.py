@@ -240,9 +240,9 @@ class Channel:
             raise UndecodableMessage(
                 f"record of type {rtype} is not a byte message",
                 record_type=rtype,
-                payload=payload,
+                payload=bytes(payload),
             )
-        return payload
+        return payload  # type: ignore[return-value] # BYTES records are read as bytes
 
     # -- lifecycle ----------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from . import _layout as L
@@ -61,7 +61,7 @@ class ChannelCore:
 
     def __init__(self, seg: Segment) -> None:
         self.seg = seg
-        self.ring = Ring(seg.buf, seg.info.capacity, seg.info.max_record)
+        self.ring = Ring(seg.buf, seg.info.capacity, seg.info.max_record, seg.info.max_items)
         self.max_payload = self.ring.max_payload
         _live.add(self)
 
@@ -81,10 +81,19 @@ class ChannelCore:
 
     # -- send ---------------------------------------------------------------------
 
-    def send(self, payload: memoryview, rtype: int, deadline: float | None) -> bool:
+    def send(
+        self,
+        payload: memoryview | None,
+        rtype: int,
+        deadline: float | None,
+        n: int = 0,
+        parts: Sequence[tuple[int, memoryview]] = (),
+    ) -> bool:
         """Append one record. Return False if ``deadline`` passed with no room.
 
-        Blocks (sleeping, not spinning) while the ring is full. A KeyboardInterrupt
+        The payload is ``payload``, or (if it is None) ``n`` bytes gathered from
+        ``parts`` (see :meth:`Ring.try_write_parts`). Blocks (sleeping, not spinning)
+        while the ring is full, or holds ``max_items`` records. A KeyboardInterrupt
         leaves the ring unchanged and unlocked.
         """
         ring = self.ring
@@ -100,14 +109,22 @@ class ChannelCore:
                         ring.add_producers_waiting(-1)
                         registered = False
                     self._check_state()
-                    if ring.try_write(payload, rtype):
+                    if (
+                        ring.try_write(payload, rtype)
+                        if payload is not None
+                        else ring.try_write_parts(n, rtype, parts)
+                    ):
                         break
                     if deadline is not None and time.monotonic() >= deadline:
                         return False
                     ring.add_producers_waiting(1)
                     registered = True
                     full_fence()  # Dekker: registration visible before the re-check
-                    if ring.try_write(payload, rtype):
+                    if (
+                        ring.try_write(payload, rtype)
+                        if payload is not None
+                        else ring.try_write_parts(n, rtype, parts)
+                    ):
                         ring.add_producers_waiting(-1)
                         registered = False
                         break
@@ -127,7 +144,7 @@ class ChannelCore:
 
     # -- receive --------------------------------------------------------------------
 
-    def recv(self, deadline: float | None) -> tuple[int, bytes] | None:
+    def recv(self, deadline: float | None) -> tuple[int, bytes | bytearray] | None:
         """Remove the oldest record as ``(type, payload)``; None if ``deadline`` passed.
 
         Blocks (sleeping, not spinning) while the ring is empty. A KeyboardInterrupt
@@ -183,6 +200,72 @@ class ChannelCore:
                 adjust(-1)
             finally:
                 lock.release()
+
+    # -- tasks (JoinableQueue) -------------------------------------------------------------
+
+    def task_done(self) -> None:
+        """Mark one record done; wake joiners when none is left unfinished.
+
+        Raises ValueError if called more times than records were put.
+        """
+        ring = self.ring
+        lock = self.seg.rlock
+        try:
+            lock.acquire(None)
+            left = ring.task_done()
+        finally:
+            lock.release()
+        if left == 0:
+            full_fence()  # Dekker with join(): tasks_done visible before joiners_waiting
+            if ring.joiners_waiting():
+                _post_if_zero(self.seg.joined)
+
+    def join(self, deadline: float | None) -> bool:
+        """Wait until every record put so far was marked done; False on timeout."""
+        ring = self.ring
+        seg = self.seg
+        lock = seg.rlock
+        registered = False
+        try:
+            while True:
+                if not lock.acquire(_lock_deadline(deadline)):
+                    return False
+                try:
+                    if registered:
+                        ring.add_joiners_waiting(-1)
+                        registered = False
+                    self._check_state()
+                    if ring.unfinished() == 0:
+                        break
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return False
+                    ring.add_joiners_waiting(1)
+                    registered = True
+                    full_fence()  # Dekker: registration visible before the re-check
+                    if ring.unfinished() == 0:
+                        ring.add_joiners_waiting(-1)
+                        registered = False
+                        break
+                finally:
+                    lock.release()
+                _sleep(seg.joined, deadline)
+        finally:
+            if registered:
+                self._deregister(lock, ring.add_joiners_waiting)
+        full_fence()
+        if ring.joiners_waiting():
+            _post_if_zero(seg.joined)  # the baton: wake the next joiner too
+        return True
+
+    def reserve_large_seq(self) -> int:
+        """Take a side-segment sequence number (docs/layout.md 2.5)."""
+        lock = self.seg.wlock
+        try:
+            lock.acquire(None)
+            self._check_state()
+            return self.ring.reserve_large_seq()
+        finally:
+            lock.release()
 
     # -- introspection ----------------------------------------------------------------
 

@@ -24,6 +24,7 @@ counters; ring index = position & (capacity - 1).
 
 from __future__ import annotations
 
+import re
 import struct
 import sys
 import zlib
@@ -47,6 +48,19 @@ MAX_RECORD_LIMIT: Final = 1 << 31
 # Record types (u16 at record offset +4).
 RT_PADDING: Final = 0
 RT_BYTES: Final = 1
+RT_PICKLE: Final = 2
+"""A Python pickle (protocol <= 5) with no out-of-band buffers."""
+RT_PICKLE_OOB: Final = 3
+"""A pickle-5 stream plus out-of-band buffers, framed as OOB_HEADER describes."""
+RT_LARGE: Final = 4
+"""A reference to a one-shot side segment holding the payload of an inner record."""
+LARGE_REF: Final = struct.Struct("<QQHHI")
+"""RT_LARGE payload: u64 side-segment sequence number, u64 payload size, u16 inner
+record type, u16 reserved, u32 reserved."""
+OOB_HEADER: Final = struct.Struct("<IIQ")
+"""RT_PICKLE_OOB payload starts with u32 buffer count, u32 reserved, u64 pickle length,
+then one u64 length per buffer; the pickle starts at align16 of that, and each buffer
+at the next 16-aligned offset after the previous part."""
 
 # lock_kind: how producers (and consumers) exclude each other.
 LOCK_OFD: Final = 1
@@ -63,6 +77,9 @@ WAKEUP_SYSV: Final = 2
 # state (u32): monotonic, never returns to NORMAL.
 STATE_NORMAL: Final = 0
 STATE_CORRUPT: Final = 1
+
+
+OWNER_SIZE: Final = 256
 
 
 class Field(NamedTuple):
@@ -106,14 +123,20 @@ def _fields() -> tuple[Field, ...]:
     add("semid_rlock", 4, "i32")
     add("semid_ne", 4, "i32")
     add("semid_nf", 4, "i32")
+    add("max_items", 8, "u64")
+    add("semid_jn", 4, "i32")
     off = 120
     add("header_crc", 4, "u32")
     off = 128
     # Block B, producers.
     add("tail", 8, "u64")
+    add("msgs_put", 8, "u64")
+    add("large_seq", 8, "u64")
     off = 256
     # Block C, consumers.
     add("head", 8, "u64")
+    add("msgs_got", 8, "u64")
+    add("tasks_done", 8, "u64")
     off = 384
     # Block D and E, waiter counters (each written by one side, read by the other).
     add("consumers_waiting", 4, "u32")
@@ -122,6 +145,10 @@ def _fields() -> tuple[Field, ...]:
     off = 640
     # Block F, status.
     add("state", 4, "u32")
+    add("joiners_waiting", 4, "u32")
+    off = 768
+    # Block G, the lifetime service of an unnamed queue (Python's reaper).
+    add("owner", OWNER_SIZE, "char")
     return tuple(out)
 
 
@@ -134,12 +161,18 @@ OFF_HEAD: Final = OFF["head"]
 OFF_CONSUMERS_WAITING: Final = OFF["consumers_waiting"]
 OFF_PRODUCERS_WAITING: Final = OFF["producers_waiting"]
 OFF_STATE: Final = OFF["state"]
+OFF_OWNER: Final = OFF["owner"]
 
 # Word indexes for ``memoryview.cast("Q")`` / ``cast("I")`` access to the hot words.
 # An aligned 8-byte (4-byte) store through such a view is one store instruction.
 Q_MAGIC: Final = OFF_MAGIC // 8
 Q_TAIL: Final = OFF_TAIL // 8
 Q_HEAD: Final = OFF_HEAD // 8
+Q_MSGS_PUT: Final = OFF["msgs_put"] // 8
+Q_LARGE_SEQ: Final = OFF["large_seq"] // 8
+Q_MSGS_GOT: Final = OFF["msgs_got"] // 8
+Q_TASKS_DONE: Final = OFF["tasks_done"] // 8
+I_JOINERS_WAITING: Final = OFF["joiners_waiting"] // 4
 I_CONSUMERS_WAITING: Final = OFF_CONSUMERS_WAITING // 4
 I_PRODUCERS_WAITING: Final = OFF_PRODUCERS_WAITING // 4
 I_STATE: Final = OFF_STATE // 4
@@ -153,8 +186,8 @@ CRC_START: Final = 8
 CRC_END: Final = OFF["header_crc"]
 """``header_crc`` is CRC-32 (IEEE, as zlib.crc32) of header bytes [8, 120)."""
 
-_IDENTITY = struct.Struct("<QHHIQIHHIIQHHIQiiii")
-assert _IDENTITY.size == OFF["semid_nf"] + 4
+_IDENTITY = struct.Struct("<QHHIQIHHIIQHHIQiiiiQi")
+assert _IDENTITY.size == OFF["semid_jn"] + 4
 
 
 class HeaderInfo(NamedTuple):
@@ -171,6 +204,8 @@ class HeaderInfo(NamedTuple):
     semid_rlock: int = -1
     semid_ne: int = -1
     semid_nf: int = -1
+    max_items: int = 0
+    semid_jn: int = -1
     layout_major: int = LAYOUT_MAJOR
     layout_minor: int = LAYOUT_MINOR
     header_size: int = HEADER_SIZE
@@ -242,6 +277,8 @@ def write_identity(buf: memoryview, info: HeaderInfo) -> None:
         info.semid_rlock,
         info.semid_ne,
         info.semid_nf,
+        info.max_items,
+        info.semid_jn,
     )
     struct.pack_into("<I", buf, CRC_END, header_crc(buf))
 
@@ -268,6 +305,8 @@ def read_identity(buf: memoryview) -> tuple[int, HeaderInfo, int]:
         s_r,
         s_ne,
         s_nf,
+        max_items,
+        s_jn,
     ) = _IDENTITY.unpack_from(buf, 0)
     info = HeaderInfo(
         capacity=capacity,
@@ -281,6 +320,8 @@ def read_identity(buf: memoryview) -> tuple[int, HeaderInfo, int]:
         semid_rlock=s_r,
         semid_ne=s_ne,
         semid_nf=s_nf,
+        max_items=max_items,
+        semid_jn=s_jn,
         layout_major=major,
         layout_minor=minor,
         header_size=header_size,
@@ -297,6 +338,27 @@ SUPPORTED_FEATURES_INCOMPAT: Final = 0
 """Incompat feature bits this implementation understands (none in v1.0)."""
 
 
-def posix_semaphore_names(nonce: int) -> tuple[str, str]:
-    """Names of the not-empty and not-full POSIX semaphores for wakeup_kind 1."""
-    return f"/shmchan.{nonce:016x}.ne", f"/shmchan.{nonce:016x}.nf"
+def posix_semaphore_names(nonce: int) -> tuple[str, str, str]:
+    """Names of the not-empty, not-full and joined POSIX semaphores (wakeup_kind 1)."""
+    return f"/shmchan.{nonce:016x}.ne", f"/shmchan.{nonce:016x}.nf", f"/shmchan.{nonce:016x}.jn"
+
+
+SIDE_SUFFIX: Final = re.compile(r"\.L[0-9a-f]{16}")
+"""What follows a channel's name in the name of one of its side segments."""
+
+
+def side_segment_suffix(seq: int) -> str:
+    """Suffix appended to a channel's name for the side segment of RT_LARGE ``seq``."""
+    return f".L{seq:016x}"
+
+
+def oob_layout(pickle_len: int, buffer_lens: list[int]) -> tuple[int, list[int], int]:
+    """Offsets in an RT_PICKLE_OOB payload: ``(pickle_offset, buffer_offsets, total)``."""
+    off = align16(OOB_HEADER.size + 8 * len(buffer_lens))
+    pickle_off = off
+    off = align16(off + pickle_len)
+    offsets = []
+    for n in buffer_lens:
+        offsets.append(off)
+        off = align16(off + n)
+    return pickle_off, offsets, off

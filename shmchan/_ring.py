@@ -30,9 +30,9 @@ _MASK32 = 0xFFFFFFFF
 class Ring:
     """A view of one segment's ring. Not thread-safe: callers hold the side's lock."""
 
-    __slots__ = ("_data", "_hdr", "_i", "_q", "capacity", "mask", "max_payload", "max_record")
+    __slots__ = ("_data", "_hdr", "_i", "_q", "capacity", "mask", "max_items", "max_payload", "max_record")
 
-    def __init__(self, buf: memoryview, capacity: int, max_record: int) -> None:
+    def __init__(self, buf: memoryview, capacity: int, max_record: int, max_items: int = 0) -> None:
         self._q = buf.cast("Q")  # 8-byte words: aligned stores are single instructions
         self._i = buf.cast("I")
         self._hdr = L.HEADER_SIZE // 8
@@ -41,6 +41,7 @@ class Ring:
         self.mask = capacity - 1
         self.max_record = max_record
         self.max_payload = L.max_payload(max_record)
+        self.max_items = max_items
 
     def release(self) -> None:
         """Drop the buffer views so the mapping can be closed."""
@@ -88,6 +89,40 @@ class Ring:
         """Adjust the counter. Only producers write it, under the write lock."""
         self._i[L.I_PRODUCERS_WAITING] = (self._i[L.I_PRODUCERS_WAITING] + delta) & _MASK32
 
+    def items(self) -> int:
+        """Records put and not yet got (a snapshot; never negative)."""
+        return max(0, self._q[L.Q_MSGS_PUT] - self._q[L.Q_MSGS_GOT])
+
+    def unfinished(self) -> int:
+        """Records put and not yet marked done with task_done (a snapshot)."""
+        return max(0, self._q[L.Q_MSGS_PUT] - self._q[L.Q_TASKS_DONE])
+
+    def task_done(self) -> int:
+        """Count one task done; return how many remain. Caller holds the read lock.
+
+        Raises ValueError if called more times than records were put.
+        """
+        q = self._q
+        done = q[L.Q_TASKS_DONE]
+        put = q[L.Q_MSGS_PUT]
+        if done >= put:
+            raise ValueError("task_done() called too many times")
+        q[L.Q_TASKS_DONE] = done + 1
+        return put - done - 1
+
+    def joiners_waiting(self) -> int:
+        return self._i[L.I_JOINERS_WAITING]
+
+    def add_joiners_waiting(self, delta: int) -> None:
+        """Adjust the counter. Joiners write it under the read lock."""
+        self._i[L.I_JOINERS_WAITING] = (self._i[L.I_JOINERS_WAITING] + delta) & _MASK32
+
+    def reserve_large_seq(self) -> int:
+        """Take the next side-segment sequence number. Caller holds the write lock."""
+        seq = self._q[L.Q_LARGE_SEQ]
+        self._q[L.Q_LARGE_SEQ] = seq + 1
+        return seq
+
     def state(self) -> int:
         return self._i[L.I_STATE]
 
@@ -100,19 +135,45 @@ class Ring:
         """Append one record; return False (and write nothing visible) if it doesn't fit.
 
         ``payload`` must be a C-contiguous byte view of at most ``max_payload`` bytes.
+        A ring with ``max_items`` also refuses a record while it holds that many.
         """
         n = payload.nbytes
+        idx = self._place(n, rtype)
+        if idx < 0:
+            return False
+        if n:
+            self._data[idx + 16 : idx + 16 + n] = payload
+        self._commit(idx, n)
+        return True
+
+    def try_write_parts(self, n: int, rtype: int, parts: Sequence[tuple[int, memoryview]]) -> bool:
+        """Like :meth:`try_write` for a payload of ``n`` bytes gathered from ``parts``:
+        each ``(offset, view)`` is copied once, straight into the ring."""
+        idx = self._place(n, rtype)
+        if idx < 0:
+            return False
+        data = self._data
+        base = idx + 16
+        for off, view in parts:
+            data[base + off : base + off + view.nbytes] = view
+        self._commit(idx, n)
+        return True
+
+    def _place(self, n: int, rtype: int) -> int:
+        """Find room for a record of ``n`` payload bytes and write its header (and any
+        padding before it); return its ring index, or -1 if it does not fit now."""
         need = (n + 31) & ~15  # record_size(n): 16-byte header + payload, 16-aligned
         head, tail = self._positions()
         if WEAK_ORDERING:
             full_fence()  # acquire: consumers' reads of freed bytes precede our writes
+        q = self._q
+        if self.max_items and q[L.Q_MSGS_PUT] - q[L.Q_MSGS_GOT] >= self.max_items:
+            return -1
         idx = tail & self.mask
         rem = self.capacity - idx
-        free = self.capacity - (tail - head)
         pad = 0 if need <= rem else rem
-        if pad + need > free:
-            return False
-        q = self._q
+        if pad + need > self.capacity - (tail - head):
+            return -1
         base = self._hdr
         if pad:
             # Wrap rule: a padding record fills [idx, capacity); the record goes at 0.
@@ -121,19 +182,27 @@ class Ring:
             idx = 0
         q[base + (idx >> 3)] = n | (rtype << 32)
         q[base + (idx >> 3) + 1] = 0
-        if n:
-            self._data[idx + 16 : idx + 16 + n] = payload
+        return idx
+
+    def _commit(self, idx: int, n: int) -> None:
+        """Publish the record just written at ``idx`` (the commit point of a put)."""
+        q = self._q
         if WEAK_ORDERING:
             full_fence()  # release: the record's bytes are visible before the tail
-        q[L.Q_TAIL] = tail + pad + need  # commit point of the put
-        return True
+        q[L.Q_MSGS_PUT] = q[L.Q_MSGS_PUT] + 1  # before the tail: a consumer that sees
+        # the record also sees it counted (task_done relies on that)
+        tail = q[L.Q_TAIL]
+        at = tail & self.mask
+        need = (n + 31) & ~15
+        # The record sits at the tail, or at index 0 after padding to the ring's end.
+        q[L.Q_TAIL] = tail + need if idx == at else tail + (self.capacity - at) + need
 
     def free_bytes(self) -> int:
         return self.capacity - self.used()
 
     # -- consumer side (caller holds the read lock) -----------------------------
 
-    def try_read(self) -> tuple[int, bytes] | None:
+    def try_read(self) -> tuple[int, bytes | bytearray] | None:
         """Remove the oldest record and return ``(type, payload)``, or None if empty.
 
         Padding records are skipped (and released). Every field is validated before it
@@ -161,9 +230,13 @@ class Ring:
                 continue
             if size > self.max_record or idx + size > self.capacity or size > tail - head:
                 self._corrupt(f"bad record at {head}: length {n}, type {rtype}")
-            payload = bytes(self._data[idx + 16 : idx + 16 + n])
+            view = self._data[idx + 16 : idx + 16 + n]
+            # Out-of-band pickle buffers become the received objects' memory (NumPy
+            # arrays, bytearrays): give them a private, writable copy.
+            payload = bytearray(view) if rtype == L.RT_PICKLE_OOB else bytes(view)
             if WEAK_ORDERING:
                 full_fence()  # release: our reads finish before producers may reuse bytes
+            q[L.Q_MSGS_GOT] = q[L.Q_MSGS_GOT] + 1
             q[L.Q_HEAD] = head + size  # commit point of the get
             return rtype, payload
         if head != start:

@@ -1,15 +1,20 @@
 """Interoperability with the C peer in examples/c (docs/layout.md, posix backend).
 
 The C programs are compiled with -Werror, then exchange many random messages with
-Python in both directions. Both sides fold every message into the checksum that
-examples/c/README.md defines and compare the results.
+Python in both directions, over a Channel and over a named drop-in Queue (whose
+maxsize the C writer must honour, layout.md 2.3). Both sides fold every message into
+the checksum that examples/c/README.md defines and compare the results. The C reader
+must also consume Python objects (PICKLE, PICKLE_OOB, LARGE records) without dying,
+and remove the side segment of a LARGE record.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -51,7 +56,8 @@ def fold(h: int, data: bytes) -> int:
 
 
 def writer_messages(seed: int, max_payload: int) -> Iterator[bytes]:
-    """The messages `writer NAME COUNT SEED` sends (README.md), in order."""
+    """The messages `writer NAME COUNT SEED [MAXLEN]` sends (README.md), in order;
+    ``max_payload`` is the length limit: the channel's, or MAXLEN if smaller."""
     state = seed & M64
 
     def splitmix64() -> int:
@@ -96,6 +102,27 @@ def posix_channel(capacity: int) -> Iterator[shmchan.Channel]:
         finally:
             shmchan.Channel.remove(ch.name, backend="posix")
     assert not os.path.exists("/dev/shm" + ch.name)
+
+
+@contextlib.contextmanager
+def named_queue(maxsize: int, capacity: int = 16384) -> Iterator[shmchan.Queue[object]]:
+    """A named posix drop-in Queue (no lifetime service), removed afterwards."""
+    name = f"shmchan-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    q: shmchan.Queue[object] = shmchan.Queue(maxsize=maxsize, name=name, backend="posix", capacity=capacity)
+    try:
+        yield q
+    finally:
+        try:
+            q.unlink()
+        finally:
+            q.close()
+    assert not os.path.exists("/dev/shm" + q.name)
+
+
+def side_segments(q: shmchan.Queue[object]) -> list[str]:
+    """The queue's side segments in /dev/shm (layout.md 2.5: <name>.L<seq hex>)."""
+    prefix = q.name[1:] + ".L"
+    return sorted(e for e in os.listdir("/dev/shm") if e.startswith(prefix))
 
 
 @contextlib.contextmanager
@@ -177,3 +204,115 @@ def test_c_to_python(c_peer: dict[str, Path], capacity: int, count: int) -> None
         with pytest.raises(shmchan.Empty):  # nothing more than COUNT messages
             ch.recv_bytes(timeout=0)
     print(f"C->python: {count} messages, {total / 1e6:.1f} MB in {elapsed:.2f} s")
+
+
+# -- the drop-in Queue: max_items, the record counters, Python object records ---------------
+
+QUEUE_COUNT = 20_000
+SHORT = 64
+"""MAXLEN for the writer feeding a maxsize-5 queue: ~200 such records fit the 16 KiB
+ring, so only max_items (not bytes) can stop the writer."""
+
+
+@pytest.mark.timeout(120)
+def test_c_writer_to_queue_honours_maxsize(c_peer: dict[str, Path]) -> None:
+    maxsize = 5
+    seed = 0xC0FFEE
+    with named_queue(maxsize) as q:
+        args = [str(c_peer["writer"]), q.name, str(QUEUE_COUNT), str(seed), str(SHORT)]
+        with spawn(args) as proc:
+            # Nobody reads yet: the writer must stop at exactly maxsize records
+            # (msgs_put - msgs_got >= max_items), with plenty of ring bytes left.
+            deadline = time.monotonic() + 10
+            while q.qsize() < maxsize and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.005)
+            time.sleep(0.2)
+            assert q.qsize() == maxsize, f"the C writer put {q.qsize()} records, maxsize is {maxsize}"
+            assert proc.poll() is None, "the C writer should be waiting for a free item slot"
+            expected = writer_messages(seed, SHORT)
+            h = FNV_OFFSET
+            most = 0
+            start = time.perf_counter()
+            try:
+                for i in range(QUEUE_COUNT):
+                    size = q.qsize()  # sampled between gets, while the writer runs
+                    assert 0 <= size <= maxsize, f"qsize {size} > maxsize {maxsize} before get #{i}"
+                    most = max(most, size)
+                    data = q.get(timeout=RECV_TIMEOUT)
+                    assert type(data) is bytes, f"message #{i} is {type(data).__name__}, not bytes"
+                    if i < 200:
+                        assert data == next(expected), f"message #{i} differs"
+                    h = fold(h, data)
+            except shmchan.Empty as exc:
+                peer_failed(proc, "the C writer", exc)
+            line = finish(proc, "the C writer")
+            elapsed = time.perf_counter() - start
+        assert line == f"count={QUEUE_COUNT} checksum={h:016x}"
+        assert q.qsize() == 0 and q.empty()  # msgs_put (C) == msgs_got (Python)
+        with pytest.raises(shmchan.Empty):
+            q.get(timeout=0)
+    print(f"C->Queue(maxsize={maxsize}): {QUEUE_COUNT} messages in {elapsed:.2f} s, qsize peak {most}")
+
+
+@pytest.mark.timeout(120)
+def test_queue_to_c_reader(c_peer: dict[str, Path]) -> None:
+    maxsize = 3
+    rng = random.Random(20250101)
+    with named_queue(maxsize) as q, spawn([str(c_peer["reader"]), q.name, str(QUEUE_COUNT)]) as proc:
+        max_message = 16384 // 2 - 32  # the ring's max payload: no side segments
+        h = FNV_OFFSET
+        start = time.perf_counter()
+        try:
+            for i in range(QUEUE_COUNT):
+                data = rng.randbytes(rng.randint(0, max_message))
+                q.put(data, timeout=RECV_TIMEOUT)  # blocks until the C get counts (msgs_got)
+                h = fold(h, data)
+                size = q.qsize()
+                assert 0 <= size <= maxsize, f"qsize {size} > maxsize {maxsize} after put #{i}"
+        except shmchan.Full as exc:
+            peer_failed(proc, "the C reader", exc)
+        line = finish(proc, "the C reader")
+        elapsed = time.perf_counter() - start
+        assert line == f"count={QUEUE_COUNT} checksum={h:016x}"
+        assert q.qsize() == 0 and q.empty()  # the C reader counted every get
+    print(f"Queue(maxsize={maxsize})->C: {QUEUE_COUNT} messages in {elapsed:.2f} s")
+
+
+@pytest.mark.timeout(60)
+def test_c_reader_consumes_python_objects(c_peer: dict[str, Path]) -> None:
+    with named_queue(0) as q:
+        big_pickle = list(range(5000))
+        assert len(pickle.dumps(big_pickle, protocol=5)) > 16384 // 2  # goes LARGE too
+        q.put(b"first")
+        q.put({"a": 1})  # PICKLE
+        q.put(bytearray(5000))  # PICKLE_OOB (a top-level bytearray goes out of band)
+        q.put(b"x" * 20000)  # LARGE, inner BYTES: larger than the 16 KiB ring's max
+        q.put(big_pickle)  # LARGE, inner PICKLE
+        q.put(b"end")
+        assert q.qsize() == 6
+        assert len(side_segments(q)) == 2
+        with spawn([str(c_peer["reader"]), "-o", q.name, "2"]) as proc:
+            lines = finish(proc, "the C reader -o").splitlines()
+        assert [re.sub(r"len=\d+", "len=N", x) for x in lines[:4]] == [
+            "other type=2 len=N",
+            "other type=3 len=N",
+            "other type=4 len=N",
+            "other type=4 len=N",
+        ], lines
+        assert lines[2:4] == ["other type=4 len=24"] * 2  # the 24-byte LARGE reference
+        assert lines[4:] == [f"count=2 checksum={fold(fold(FNV_OFFSET, b'first'), b'end'):016x}"]
+        assert q.qsize() == 0
+        assert side_segments(q) == []  # the C consumer removed them (before unlink())
+
+
+@pytest.mark.timeout(60)
+def test_c_reader_rejects_objects_without_flag(c_peer: dict[str, Path]) -> None:
+    """Without -o the reader keeps its strict behaviour: exit 3, the record consumed."""
+    with named_queue(0) as q:
+        q.put({"a": 1})
+        q.put(b"after")
+        with spawn([str(c_peer["reader"]), q.name, "1"]) as proc:
+            _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 3, err
+        assert "record type 2, not BYTES" in err
+        assert q.qsize() == 1 and q.get(timeout=0) == b"after"

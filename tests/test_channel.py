@@ -349,3 +349,24 @@ def test_threads_share_handles(backend: str, name: str) -> None:
             f"{t}:{i}:".encode() * (i % 7 + 1) for t in range(senders) for i in range(per_thread)
         )
         assert sorted(got) == expected
+
+
+def test_removing_a_channel_spares_channels_with_longer_names(backend: str, name: str) -> None:
+    """Side segments are matched exactly: removing /X must not touch /X.Log."""
+    longer = name + ".Log"
+    with (
+        Channel.create(name, capacity=4096, backend=backend),
+        Channel.create(longer, capacity=4096, backend=backend) as other,
+    ):
+        try:
+            Channel.remove(name, backend=backend)
+            other.send_bytes(b"still here")
+            assert other.recv_bytes_nowait() == b"still here"
+            Channel.open(longer, backend=backend).close()
+        finally:
+            Channel.remove(longer, backend=backend)
+
+
+def test_names_shaped_like_side_segments_are_refused(backend: str, name: str) -> None:
+    with pytest.raises(ValueError, match="side segment"):
+        Channel.create(name + ".L00000000000000ff", backend=backend)

@@ -421,7 +421,7 @@ CREATOR_DIES = """
         sys.stdin.readline()  # killed here
 
     if POINT == "before_magic":
-        def publish(buf, info):
+        def publish(buf, info, owner=b""):
             L.write_identity(buf, info)  # the whole header but the magic
             stop_here(info.nonce)
         _base.publish = publish

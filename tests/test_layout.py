@@ -71,8 +71,28 @@ def test_magic_spells_shmchan() -> None:
 
 
 def test_semaphore_names_follow_doc() -> None:
-    assert L.posix_semaphore_names(0xABC) == ("/shmchan.0000000000000abc.ne", "/shmchan.0000000000000abc.nf")
-    assert "/shmchan.<nonce>.ne" in DOC.read_text()
+    assert L.posix_semaphore_names(0xABC) == (
+        "/shmchan.0000000000000abc.ne",
+        "/shmchan.0000000000000abc.nf",
+        "/shmchan.0000000000000abc.jn",
+    )
+    assert "`/shmchan.<nonce>.ne`, `/shmchan.<nonce>.nf` and `/shmchan.<nonce>.jn`" in DOC.read_text()
+
+
+def test_record_types_and_side_names_follow_doc() -> None:
+    doc = DOC.read_text()
+    assert (
+        "0 = PADDING, 1 = BYTES (raw bytes; what non-Python peers exchange), 2 = PICKLE, 3 = PICKLE_OOB, 4 = LARGE"
+        in doc
+    )
+    assert (L.RT_PADDING, L.RT_BYTES, L.RT_PICKLE, L.RT_PICKLE_OOB, L.RT_LARGE) == (0, 1, 2, 3, 4)
+    assert L.LARGE_REF.size == 24 and "LARGE record of 24 bytes" in doc
+    assert (
+        L.side_segment_suffix(255) == ".L00000000000000ff"
+        and "`<channel name>.L<seq as 16 lowercase hex digits>`" in doc
+    )
+    # RT_PICKLE_OOB framing: 16-byte head, u64 per buffer, parts 16-aligned.
+    assert L.oob_layout(5, [3, 40]) == (32, [48, 64], 112)
 
 
 def test_golden_header() -> None:
@@ -108,9 +128,11 @@ def test_golden_header() -> None:
         "ffffffff"
         "ffffffff"
         "ffffffff"  # semids (-1)
+        "0000000000000000"  # max_items (0: no item limit)
+        "ffffffff"  # semid_jn (-1)
     )
-    assert bytes(buf[:80]) == expected
-    assert bytes(buf[80:120]) == bytes(40)
+    assert bytes(buf[:92]) == expected
+    assert bytes(buf[92:120]) == bytes(28)
     crc = int.from_bytes(buf[120:124], "little")
     assert crc == zlib.crc32(bytes(buf[8:120]))
     assert bytes(buf[124:]) == bytes(L.HEADER_SIZE - 124)

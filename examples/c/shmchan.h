@@ -1,8 +1,12 @@
 /* shmchan.h - header-only C11 peer for shmchan channels, posix backend only.
  *
- * Implements docs/layout.md v1.0 (binary layout, put/get, locks, wakeups) for
- * lock_kind 1 (OFD locks on the shm fd) and wakeup_kind 1 (POSIX named
- * semaphores). It opens an EXISTING channel; the Python package creates it.
+ * Implements docs/layout.md v1.0 (binary layout, put/get, record counting and
+ * max_items, locks, wakeups) for lock_kind 1 (OFD locks on the shm fd) and
+ * wakeup_kind 1 (POSIX named semaphores). It opens an EXISTING channel or named
+ * queue; the Python package creates it. It sends BYTES records only; a record of
+ * any other type (PICKLE, PICKLE_OOB, LARGE, reserved) is consumed and reported
+ * as SHMCHAN_OTHER_TYPE (layout.md 2.2), and the side segment of a LARGE record
+ * is removed unread (2.5). task_done()/join() (layout.md 8) are not implemented.
  *
  * Include this header before any system header (it needs _GNU_SOURCE for
  * F_OFD_SETLKW). Linux, glibc, 64-bit little-endian only. A handle is not
@@ -46,7 +50,8 @@ _Static_assert(sizeof(_Atomic uint64_t) == 8 && sizeof(_Atomic uint32_t) == 4,
 
 enum {
     SHMCHAN_OK = 0,
-    SHMCHAN_TIMEOUT = 1,     /* send: still full at the deadline; recv: still empty */
+    SHMCHAN_TIMEOUT = 1,     /* send: still full (bytes or max_items) at the deadline;
+                                recv: still empty */
     SHMCHAN_TOO_LARGE = 2,   /* send: payload > max payload; recv: buffer too small
                                 (nothing consumed, *len = the needed size) */
     SHMCHAN_CORRUPT = 3,     /* bad header/ring, or state == CORRUPT */
@@ -60,13 +65,30 @@ enum {
 /* Header offsets (layout.md 2.1) and constants. */
 #define SHMCHAN_MAGIC 0x004E4148434D4853ull
 #define SHMCHAN_HEADER_SIZE 4096u
+#define SHMCHAN_OFF_NONCE 40
+#define SHMCHAN_OFF_MAX_ITEMS 80      /* block A: 0 = no item limit */
 #define SHMCHAN_OFF_TAIL 128
+#define SHMCHAN_OFF_MSGS_PUT 136      /* written under the write lock, just before tail */
+#define SHMCHAN_OFF_LARGE_SEQ 144     /* Python producers only (side segments) */
 #define SHMCHAN_OFF_HEAD 256
+#define SHMCHAN_OFF_MSGS_GOT 264      /* written under the read lock, just before head */
+#define SHMCHAN_OFF_TASKS_DONE 272    /* task_done(): not implemented here */
 #define SHMCHAN_OFF_CONSUMERS_WAITING 384
 #define SHMCHAN_OFF_PRODUCERS_WAITING 512
 #define SHMCHAN_OFF_STATE 640
+#define SHMCHAN_OFF_JOINERS_WAITING 644 /* join(): not implemented here */
+#define SHMCHAN_OFF_OWNER 768         /* 256 bytes; Python's lifetime service; ignored */
+/* Record types (layout.md 2.2). Only BYTES is sent or decoded by this peer. */
 #define SHMCHAN_RT_PADDING 0
 #define SHMCHAN_RT_BYTES 1
+#define SHMCHAN_RT_PICKLE 2     /* Python pickle: consumed, reported as OTHER_TYPE */
+#define SHMCHAN_RT_PICKLE_OOB 3 /* pickle 5 + out-of-band buffers: likewise */
+#define SHMCHAN_RT_LARGE 4      /* reference to a side segment: consumed, side segment
+                                   removed unread, reported as OTHER_TYPE */
+#define SHMCHAN_LARGE_REF_SIZE 24 /* LARGE payload: u64 seq, u64 size, u16 inner type,
+                                     u16 + u32 reserved (layout.md 2.5) */
+#define SHMCHAN_NAME_MAX 255      /* longest shm name accepted (with its side suffix) */
+#define SHMCHAN_SIDE_SUFFIX_LEN 18 /* ".L" + 16 hex digits */
 #define SHMCHAN_WAIT_SLICE 0.25  /* layout.md 8: longest single semaphore sleep */
 #define SHMCHAN_LOCK_GRACE 0.005 /* like shmchan/_core.py: a lock may take this long */
 
@@ -77,11 +99,18 @@ typedef struct shmchan {
     unsigned char *data;         /* base + header_size: the ring */
     uint64_t capacity, mask;
     uint32_t max_record;         /* max payload = max_record - 16 */
-    _Atomic uint64_t *tail, *head;
+    uint64_t max_items;          /* 0, or the most records the ring may hold (2.3) */
+    _Atomic uint64_t *tail, *head, *msgs_put, *msgs_got;
     _Atomic uint32_t *consumers_waiting, *producers_waiting, *state;
-    sem_t *ne, *nf;              /* not-empty, not-full (layout.md 7.1) */
+    sem_t *ne, *nf, *jn;         /* not-empty, not-full, joined (layout.md 7.1) */
     uint16_t last_type;          /* record type of the last record recv consumed */
+    uint64_t last_large_seq;     /* recv: seq of the last LARGE record consumed */
+    int side_unlink_failed;      /* recv: removing that LARGE record's side segment
+                                    failed (errno in side_errno); 0 otherwise */
+    int side_errno;
     const char *why;             /* static text describing the last failure */
+    /* The channel's shm name as passed to open, with room for a side suffix. */
+    char name[SHMCHAN_NAME_MAX - SHMCHAN_SIDE_SUFFIX_LEN + 1];
 } shmchan;
 
 /* CRC-32 (IEEE 802.3, reflected polynomial 0xEDB88320) with zlib's semantics:
@@ -124,6 +153,15 @@ static inline const char *shmchan_strerror(int rc)
 
 static inline uint32_t shmchan_max_payload(const shmchan *ch) { return ch->max_record - 16; }
 
+/* Records in the ring now, msgs_put - msgs_got (layout.md 2.3; a queue's qsize()):
+ * a snapshot, never negative. */
+static inline uint64_t shmchan_items(const shmchan *ch)
+{
+    uint64_t got = atomic_load_explicit(ch->msgs_got, memory_order_acquire);
+    uint64_t put = atomic_load_explicit(ch->msgs_put, memory_order_acquire);
+    return put > got ? put - got : 0;
+}
+
 static inline double shmchan__now(void)
 {
     struct timespec ts;
@@ -161,21 +199,28 @@ static inline void shmchan_close(shmchan *ch)
 {
     if (ch->ne && ch->ne != SEM_FAILED) sem_close(ch->ne);
     if (ch->nf && ch->nf != SEM_FAILED) sem_close(ch->nf);
+    if (ch->jn && ch->jn != SEM_FAILED) sem_close(ch->jn);
     if (ch->base && ch->base != MAP_FAILED) munmap(ch->base, ch->size);
     if (ch->fd >= 0) close(ch->fd); /* closing the last fd drops our OFD locks (6.1) */
-    ch->ne = ch->nf = NULL;
+    ch->ne = ch->nf = ch->jn = NULL;
     ch->base = NULL;
     ch->fd = -1;
 }
 
-/* Open the existing posix channel `name` (e.g. "/jobs"), waiting at most
- * open_timeout_s (shmchan uses 2 s; < 0: no limit) for its creator to publish it
- * (layout.md 4),
- * then validate it in the order of layout.md 3.1. On failure *ch is closed. */
+/* Open the existing posix channel `name` (e.g. "/jobs", as Python's Channel.name or
+ * Queue.name returns it), waiting at most open_timeout_s (shmchan uses 2 s; < 0: no
+ * limit) for its creator to publish it (layout.md 4), then validate it in the order
+ * of layout.md 3.1. On failure *ch is closed. */
 static inline int shmchan_open(shmchan *ch, const char *name, double open_timeout_s)
 {
     memset(ch, 0, sizeof *ch);
     ch->fd = -1;
+    /* Kept to name side segments: <name>.L<seq as %016llx> (layout.md 2.5). */
+    if (strlen(name) >= sizeof ch->name) {
+        errno = ENAMETOOLONG;
+        return shmchan__fail(ch, SHMCHAN_SYSERR, "channel name too long");
+    }
+    strcpy(ch->name, name);
     int fd = shm_open(name, O_RDWR, 0);
     if (fd < 0) return shmchan__fail(ch, SHMCHAN_SYSERR, "shm_open failed");
     ch->fd = fd;
@@ -243,9 +288,12 @@ static inline int shmchan_open(shmchan *ch, const char *name, double open_timeou
     ch->capacity = capacity;
     ch->mask = capacity - 1;
     ch->max_record = max_record;
+    ch->max_items = shmchan__field(ch, SHMCHAN_OFF_MAX_ITEMS, 8); /* block A, in the CRC */
     ch->data = ch->base + SHMCHAN_HEADER_SIZE;
     ch->tail = (_Atomic uint64_t *)(ch->base + SHMCHAN_OFF_TAIL);
     ch->head = (_Atomic uint64_t *)(ch->base + SHMCHAN_OFF_HEAD);
+    ch->msgs_put = (_Atomic uint64_t *)(ch->base + SHMCHAN_OFF_MSGS_PUT);
+    ch->msgs_got = (_Atomic uint64_t *)(ch->base + SHMCHAN_OFF_MSGS_GOT);
     ch->consumers_waiting = (_Atomic uint32_t *)(ch->base + SHMCHAN_OFF_CONSUMERS_WAITING);
     ch->producers_waiting = (_Atomic uint32_t *)(ch->base + SHMCHAN_OFF_PRODUCERS_WAITING);
     ch->state = (_Atomic uint32_t *)(ch->base + SHMCHAN_OFF_STATE);
@@ -255,14 +303,18 @@ static inline int shmchan_open(shmchan *ch, const char *name, double open_timeou
         why = "impossible ring positions";
         goto bad;
     }
-    /* Layout.md 7.1: /shmchan.<nonce as %016llx>.ne and .nf, opened with flags 0. */
+    /* Layout.md 7.1: /shmchan.<nonce as %016llx>.ne, .nf and .jn, opened with flags 0.
+     * All three exist in every v1.0 channel (Python refuses to attach otherwise);
+     * jn is opened for that check and for completeness, this peer never waits on it. */
     char sname[64];
-    unsigned long long nonce = shmchan__field(ch, 40, 8);
+    unsigned long long nonce = shmchan__field(ch, SHMCHAN_OFF_NONCE, 8);
     snprintf(sname, sizeof sname, "/shmchan.%016llx.ne", nonce);
     ch->ne = sem_open(sname, 0);
     snprintf(sname, sizeof sname, "/shmchan.%016llx.nf", nonce);
     ch->nf = sem_open(sname, 0);
-    if (ch->ne == SEM_FAILED || ch->nf == SEM_FAILED) {
+    snprintf(sname, sizeof sname, "/shmchan.%016llx.jn", nonce);
+    ch->jn = sem_open(sname, 0);
+    if (ch->ne == SEM_FAILED || ch->nf == SEM_FAILED || ch->jn == SEM_FAILED) {
         why = "wakeup semaphores missing";
         goto bad;
     }
@@ -348,7 +400,7 @@ static inline void shmchan__count(_Atomic uint32_t *w, uint32_t delta)
     atomic_store_explicit(w, v + delta, memory_order_relaxed);
 }
 
-/* -- put (layout.md 5, wrap rule 2.3); caller holds the write lock ------------ */
+/* -- put (layout.md 5, wrap rule 2.6, counting 2.3); caller holds the write lock -- */
 
 static inline void shmchan__put_header(unsigned char *at, uint32_t len, uint16_t type)
 {
@@ -365,6 +417,16 @@ static inline int shmchan__try_put(shmchan *ch, const void *p, uint32_t len)
     uint64_t tail = atomic_load_explicit(ch->tail, memory_order_relaxed); /* ours */
     if (tail - head > ch->capacity || (head | tail) & 15)
         return shmchan__fail(ch, SHMCHAN_CORRUPT, "impossible ring positions");
+    /* Layout.md 2.3: with max_items, full while msgs_put - msgs_got >= max_items.
+     * msgs_put is ours; msgs_got is read without the read lock (a stale value only
+     * makes us wait for the next not-full post). A count that looks negative (a peer
+     * that does not count) imposes no limit, as in Python. */
+    uint64_t put = atomic_load_explicit(ch->msgs_put, memory_order_relaxed); /* ours (lock) */
+    if (ch->max_items) {
+        uint64_t got = atomic_load_explicit(ch->msgs_got, memory_order_relaxed);
+        if (put > got && put - got >= ch->max_items)
+            return shmchan__fail(ch, SHMCHAN_TIMEOUT, "full: max_items records queued");
+    }
     uint64_t need = ((uint64_t)len + 31) & ~(uint64_t)15; /* align16(16 + len) */
     uint64_t idx = tail & ch->mask, rem = ch->capacity - idx;
     uint64_t free_ = ch->capacity - (tail - head);
@@ -376,12 +438,16 @@ static inline int shmchan__try_put(shmchan *ch, const void *p, uint32_t len)
     }
     shmchan__put_header(ch->data + idx, len, SHMCHAN_RT_BYTES);
     if (len) memcpy(ch->data + idx + 16, p, len);
+    /* Layout.md 5, put step 5: msgs_put + 1 just before the tail, so a consumer that sees the
+     * record sees it counted; the release store of tail publishes both. */
+    atomic_store_explicit(ch->msgs_put, put + 1, memory_order_relaxed);
     /* R1 + commit point of the put: the record bytes before the tail (release). */
     atomic_store_explicit(ch->tail, tail + pad + need, memory_order_release);
     return SHMCHAN_OK;
 }
 
-/* Send one BYTES message; timeout_s < 0 waits without limit, 0 does not wait. */
+/* Send one BYTES message; timeout_s < 0 waits without limit, 0 does not wait.
+ * Waits while the ring has no room for it or holds max_items records. */
 static inline int shmchan_send(shmchan *ch, const void *p, uint32_t len, double timeout_s)
 {
     if (16 + (uint64_t)len > ch->max_record) /* step 1: before any waiting */
@@ -456,6 +522,12 @@ static inline int shmchan__try_get(shmchan *ch, void *buf, uint32_t cap, uint32_
         if (n > cap) return shmchan__fail(ch, SHMCHAN_TOO_LARGE, "buffer too small");
         memcpy(buf, ch->data + idx + 16, n);
         ch->last_type = type;
+        if (type == SHMCHAN_RT_LARGE && n >= SHMCHAN_LARGE_REF_SIZE)
+            memcpy(&ch->last_large_seq, ch->data + idx + 16, 8); /* u64 seq at +0 */
+        /* Layout.md 5, get step 4: msgs_got + 1 just before the head store (we hold the read
+         * lock, so the plain load/store pair is ours alone). */
+        uint64_t got = atomic_load_explicit(ch->msgs_got, memory_order_relaxed);
+        atomic_store_explicit(ch->msgs_got, got + 1, memory_order_relaxed);
         /* R3 + commit point of the get: our reads before the head store. */
         atomic_store_explicit(ch->head, head + size, memory_order_release);
         if (type != SHMCHAN_RT_BYTES) return shmchan__fail(ch, SHMCHAN_OTHER_TYPE, "not BYTES");
@@ -466,12 +538,18 @@ static inline int shmchan__try_get(shmchan *ch, void *buf, uint32_t cap, uint32_
 }
 
 /* Receive the oldest record into buf (cap bytes); *len = its payload length.
- * SHMCHAN_OTHER_TYPE: a non-BYTES record was consumed; its type is in ch->last_type. */
+ * SHMCHAN_OTHER_TYPE: a non-BYTES record was consumed (its payload is in buf, its
+ * type in ch->last_type). For a LARGE record (layout.md 2.5) the payload in buf is
+ * the 24-byte reference; the side segment <name>.L<seq %016llx> it names is removed
+ * here, unread (nobody else would: it would stay in /dev/shm until the channel is
+ * removed); ch->last_large_seq is its seq, and ch->side_unlink_failed is set (errno
+ * in ch->side_errno) if that removal failed. */
 static inline int shmchan_recv(shmchan *ch, void *buf, uint32_t cap, uint32_t *len,
                                double timeout_s)
 {
     double deadline = shmchan__deadline(timeout_s);
     int registered = 0, rc;
+    ch->side_unlink_failed = 0;
     for (;;) {
         if ((rc = shmchan__lock(ch, SHMCHAN_OFF_HEAD, deadline)) != SHMCHAN_OK) break;
         if (registered) shmchan__count(ch->consumers_waiting, (uint32_t)-1), registered = 0;
@@ -504,6 +582,18 @@ static inline int shmchan_recv(shmchan *ch, void *buf, uint32_t cap, uint32_t *l
         atomic_load_explicit(ch->tail, memory_order_relaxed) !=
             atomic_load_explicit(ch->head, memory_order_relaxed))
         shmchan__post_if_zero(ch->ne); /* baton: more data for another consumer */
+    if (rc == SHMCHAN_OTHER_TYPE && ch->last_type == SHMCHAN_RT_LARGE &&
+        *len >= SHMCHAN_LARGE_REF_SIZE) {
+        /* Layout.md 2.5 step 4: the record is ours (committed), so its side segment is
+         * too: remove its name (after the wakeups: peers need not wait for this system
+         * call). Its memory is freed with the name, as nobody else maps it. */
+        char side[SHMCHAN_NAME_MAX + 1];
+        snprintf(side, sizeof side, "%s.L%016llx", ch->name,
+                 (unsigned long long)ch->last_large_seq);
+        int saved = errno;
+        if (shm_unlink(side) != 0) ch->side_unlink_failed = 1, ch->side_errno = errno;
+        errno = saved;
+    }
     return rc;
 }
 

@@ -92,6 +92,8 @@ class Segment:
     rlock: Mutex
     not_empty: Wakeup
     not_full: Wakeup
+    joined: Wakeup
+    permissions: int
     closers: list[Callable[[], None]] = field(default_factory=list)
     fork_hooks: list[Callable[[], None]] = field(default_factory=list)
 
@@ -100,6 +102,7 @@ class Segment:
         closers, self.closers = self.closers, []
         self.not_empty.close()
         self.not_full.close()
+        self.joined.close()
         for close in reversed(closers):
             close()
 
@@ -115,8 +118,18 @@ class Backend(Protocol):
 
     name: str
 
-    def create(self, name: str, capacity: int, max_record: int, permissions: int) -> Segment:
-        """Create a new channel exclusively; roll everything back on any failure."""
+    def create(
+        self,
+        name: str,
+        capacity: int,
+        max_record: int,
+        permissions: int,
+        max_items: int = 0,
+        owner: bytes = b"",
+    ) -> Segment:
+        """Create a new channel exclusively; roll everything back on any failure.
+
+        ``owner`` is written to the header's owner field before publication."""
 
     def open(self, name: str, timeout: float) -> Segment:
         """Attach to an existing channel, validating it first."""
@@ -126,6 +139,19 @@ class Backend(Protocol):
 
     def normalize_name(self, name: str) -> str:
         """Return the canonical form of ``name`` or raise ValueError."""
+
+    def create_side(
+        self, name: str, seq: int, size: int, permissions: int
+    ) -> tuple[memoryview, Callable[[], None]]:
+        """Create side segment ``seq`` of channel ``name`` exclusively, preallocated;
+        return a writable view of its ``size`` bytes and a function that unmaps it."""
+
+    def open_side(self, name: str, seq: int) -> memoryview:
+        """Open side segment ``seq``, remove its name, and return its bytes as a view
+        that stays valid for as long as it (or a slice of it) is referenced."""
+
+    def remove_side(self, name: str, seq: int) -> None:
+        """Remove side segment ``seq`` if it exists."""
 
 
 # -- shared steps ----------------------------------------------------------------
@@ -146,7 +172,14 @@ def check_ipc_name(name: str) -> str:
         raise ValueError(
             f"invalid channel name {name!r}: 1-200 characters, no '/' (except one leading) or NUL"
         )
+    check_not_side_name(bare)
     return "/" + bare
+
+
+def check_not_side_name(name: str) -> None:
+    """Refuse names shaped like another channel's side segment (docs/layout.md 7.3)."""
+    if len(name) > 18 and L.SIDE_SUFFIX.fullmatch(name[-18:]):
+        raise ValueError(f"invalid channel name {name!r}: it ends like a side segment ('.L' + 16 hex digits)")
 
 
 def new_nonce() -> int:
@@ -154,7 +187,7 @@ def new_nonce() -> int:
 
 
 def initial_header(
-    capacity: int, max_record: int, nonce: int, lock_kind: int, wakeup_kind: int, **semids: int
+    capacity: int, max_record: int, nonce: int, lock_kind: int, wakeup_kind: int, **more: int
 ) -> L.HeaderInfo:
     return L.HeaderInfo(
         capacity=capacity,
@@ -164,16 +197,20 @@ def initial_header(
         wakeup_kind=wakeup_kind,
         creator_pid=os.getpid(),
         created_unix_ns=time.time_ns(),
-        **semids,
+        **more,
     )
 
 
-def publish(buf: memoryview, info: L.HeaderInfo) -> None:
-    """Write the identity block, then store ``magic`` last: the segment is ready.
+def publish(buf: memoryview, info: L.HeaderInfo, owner: bytes = b"") -> None:
+    """Write the identity block and owner, then store ``magic`` last: the segment is
+    ready.
 
     The fence orders every initialising store (header, ring positions at zero) before
     the magic store, so an opener that sees the magic sees a complete header.
     """
+    if len(owner) >= L.OWNER_SIZE:
+        raise ValueError("owner address too long")
+    buf[L.OFF_OWNER : L.OFF_OWNER + len(owner)] = owner
     L.write_identity(buf, info)
     full_fence()
     q = buf.cast("Q")
@@ -181,6 +218,11 @@ def publish(buf: memoryview, info: L.HeaderInfo) -> None:
         q[L.Q_MAGIC] = L.MAGIC
     finally:
         q.release()
+
+
+def read_owner(buf: memoryview) -> str:
+    """The owner field: the lifetime service of an unnamed queue, or ''."""
+    return bytes(buf[L.OFF_OWNER : L.OFF_OWNER + L.OWNER_SIZE]).rstrip(b"\0").decode("ascii", "replace")
 
 
 def read_magic(buf: memoryview) -> int:

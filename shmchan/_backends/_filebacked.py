@@ -294,6 +294,8 @@ def build(
     capacity: int,
     max_record: int,
     permissions: int,
+    max_items: int = 0,
+    owner: bytes = b"",
 ) -> Segment:
     """Initialise a freshly and exclusively created file ``fd`` into a published segment.
 
@@ -309,15 +311,17 @@ def build(
     sems: list[posix_ipc.Semaphore] = []
     try:
         nonce, sems = create_wakeups(buf, permissions)
-        info = _base.initial_header(capacity, max_record, nonce, L.LOCK_OFD, L.WAKEUP_POSIX)
-        _base.publish(buf, info)
+        info = _base.initial_header(
+            capacity, max_record, nonce, L.LOCK_OFD, L.WAKEUP_POSIX, max_items=max_items
+        )
+        _base.publish(buf, info, owner)
     except BaseException:
         _unlink_sems(sems)
         buf.release()
         mm.close()
         raise
     handle = FileHandle(os.dup(fd))
-    return _segment(name, backend, handle, mm, buf, info, sems)
+    return _segment(name, backend, handle, mm, buf, info, sems, permissions)
 
 
 def attach(
@@ -354,7 +358,7 @@ def attach(
         mm.close()
         raise
     handle = FileHandle(os.dup(fd))
-    return _segment(name, backend, handle, mm, buf, info, sems)
+    return _segment(name, backend, handle, mm, buf, info, sems, _base.file_mode(fd))
 
 
 def _segment(
@@ -365,6 +369,7 @@ def _segment(
     buf: memoryview,
     info: L.HeaderInfo,
     sems: list[posix_ipc.Semaphore],
+    permissions: int,
 ) -> Segment:
     def close_map() -> None:
         buf.release()
@@ -379,6 +384,8 @@ def _segment(
         rlock=OfdMutex(handle, L.OFD_READ_LOCK_BYTE),
         not_empty=PosixSemWakeup(sems[0]),
         not_full=PosixSemWakeup(sems[1]),
+        joined=PosixSemWakeup(sems[2]),
+        permissions=permissions,
     )
     seg.closers += [close_map, handle.close]
     seg.fork_hooks.append(handle.reopen)
@@ -410,3 +417,42 @@ def guard(what: str, fn: Callable[[], Segment]) -> Segment:
         if exc.errno in _NOSPACE_ERRNOS:
             raise NoSpace(f"{what}: {exc.strerror}") from exc
         raise
+
+
+# -- side segments (docs/layout.md 2.5) ---------------------------------------------------
+
+
+def create_side_file(fd: int, size: int, permissions: int) -> tuple[memoryview, Callable[[], None]]:
+    """Size, preallocate and map a freshly created side-segment file ``fd`` (which
+    the caller closes); return a writable view and a function that unmaps it."""
+    length = max(size, 1)
+    os.fchmod(fd, permissions)
+    os.ftruncate(fd, length)
+    fallocate(fd, length)
+    mm = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    view = memoryview(mm)[:size]
+
+    def close() -> None:
+        view.release()
+        mm.close()
+
+    return view, close
+
+
+def map_side_file(fd: int) -> memoryview:
+    """Map a side-segment file ``fd`` (which the caller closes). The view keeps the
+    mapping alive; it is unmapped when the last reference to it goes away."""
+    size = os.fstat(fd).st_size
+    mm = mmap.mmap(fd, max(size, 1), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    return memoryview(mm)[:size]
+
+
+def side_names_in(directory: str, prefix: str) -> list[str]:
+    """Entries of ``directory`` that are side segments of the channel ``prefix``:
+    exactly ``<prefix>.L`` and 16 lowercase hex digits (never another channel whose
+    name merely starts the same way)."""
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return []
+    return [e for e in entries if e.startswith(prefix) and L.SIDE_SUFFIX.fullmatch(e[len(prefix) :])]

@@ -23,6 +23,7 @@ import hashlib
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Final
 
 import sysv_ipc
@@ -37,7 +38,7 @@ TIMEOUTS_FROM_SYSV_IPC: Final = bool(sysv_ipc.SEMAPHORE_TIMEOUT_SUPPORTED)
 """Whether this sysv_ipc build does timed waits itself (else libc semtimedop is used)."""
 
 _SEM_UNDO: Final = 0x1000  # <sys/sem.h> on Linux
-_ROLES: Final = ("shm", "wlock", "rlock", "ne", "nf")
+_ROLES: Final = ("shm", "wlock", "rlock", "ne", "nf", "jn")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -193,7 +194,15 @@ class SysVBackend:
     def normalize_name(self, name: str) -> str:
         return _base.check_ipc_name(name)
 
-    def create(self, name: str, capacity: int, max_record: int, permissions: int) -> Segment:
+    def create(
+        self,
+        name: str,
+        capacity: int,
+        max_record: int,
+        permissions: int,
+        max_items: int = 0,
+        owner: bytes = b"",
+    ) -> Segment:
         name = self.normalize_name(name)
         total = L.HEADER_SIZE + capacity
         made: list[sysv_ipc.Semaphore] = []
@@ -214,7 +223,7 @@ class SysVBackend:
                 raise ChannelExists(f"channel {name!r} already exists (sysv)") from exc
             except (sysv_ipc.Error, OSError, ValueError, MemoryError) as exc:
                 raise NoSpace(f"cannot create a {total}-byte SysV segment: {exc}") from exc
-            for role, initial in (("wlock", 1), ("rlock", 1), ("ne", 0), ("nf", 0)):
+            for role, initial in (("wlock", 1), ("rlock", 1), ("ne", 0), ("nf", 0), ("jn", 0)):
                 try:
                     made.append(
                         sysv_ipc.Semaphore(
@@ -240,8 +249,10 @@ class SysVBackend:
                     semid_rlock=made[1].id,
                     semid_ne=made[2].id,
                     semid_nf=made[3].id,
+                    semid_jn=made[4].id,
+                    max_items=max_items,
                 )
-                _base.publish(buf, info)
+                _base.publish(buf, info, owner)
             except BaseException:
                 buf.release()
                 raise
@@ -252,7 +263,7 @@ class SysVBackend:
                 shm.detach()
                 _remove_quietly(shm)
             raise
-        return self._segment(name, shm, buf, info, made)
+        return self._segment(name, shm, buf, info, made, permissions)
 
     def open(self, name: str, timeout: float) -> Segment:
         name = self.normalize_name(name)
@@ -270,7 +281,7 @@ class SysVBackend:
             sems = []
             for role, semid in zip(
                 _ROLES[1:],
-                (info.semid_wlock, info.semid_rlock, info.semid_ne, info.semid_nf),
+                (info.semid_wlock, info.semid_rlock, info.semid_ne, info.semid_nf, info.semid_jn),
                 strict=True,
             ):
                 try:
@@ -284,7 +295,7 @@ class SysVBackend:
             buf.release()
             shm.detach()
             raise
-        return self._segment(name, shm, buf, info, sems)
+        return self._segment(name, shm, buf, info, sems, shm.mode & 0o777)
 
     def _segment(
         self,
@@ -293,6 +304,7 @@ class SysVBackend:
         buf: memoryview,
         info: L.HeaderInfo,
         sems: list[sysv_ipc.Semaphore],
+        permissions: int,
     ) -> Segment:
         for sem in sems[2:]:
             sem.undo = False
@@ -314,6 +326,8 @@ class SysVBackend:
             rlock=SysVMutex(sems[1]),
             not_empty=SysVWakeup(sems[2]),
             not_full=SysVWakeup(sems[3]),
+            joined=SysVWakeup(sems[4]),
+            permissions=permissions,
         )
         seg.closers.append(close_map)
         return seg
@@ -321,6 +335,7 @@ class SysVBackend:
     def remove(self, name: str) -> None:
         name = self.normalize_name(name)
         found = False
+        self._remove_sides(name)
         for role in _ROLES:
             cls = sysv_ipc.SharedMemory if role == "shm" else sysv_ipc.Semaphore
             try:
@@ -333,6 +348,89 @@ class SysVBackend:
                 obj.detach()  # constructing it attached it; IPC_RMID waits for nattch 0
         if not found:
             raise ChannelNotFound(f"no channel {name!r} (sysv)")
+
+    # -- side segments (docs/layout.md 2.5) ---------------------------------------------
+
+    def create_side(
+        self, name: str, seq: int, size: int, permissions: int
+    ) -> tuple[memoryview, Callable[[], None]]:
+        try:
+            shm = sysv_ipc.SharedMemory(
+                sysv_key(name, _side_role(seq)),
+                sysv_ipc.IPC_CREX,
+                mode=permissions,
+                size=max(size, 1),
+                init_character=b"\0",
+            )
+        except sysv_ipc.ExistentialError as exc:
+            raise ChannelExists(f"side segment {seq} of {name!r} already exists") from exc
+        except (sysv_ipc.Error, OSError, ValueError, MemoryError) as exc:
+            raise NoSpace(f"cannot create a {size}-byte SysV side segment: {exc}") from exc
+        view = memoryview(shm)[:size]
+
+        def close() -> None:
+            view.release()
+            shm.detach()
+
+        return view, close
+
+    def open_side(self, name: str, seq: int) -> memoryview:
+        try:
+            shm = sysv_ipc.SharedMemory(sysv_key(name, _side_role(seq)))
+        except sysv_ipc.ExistentialError as exc:
+            raise CorruptChannel(f"side segment {seq} of a message in {name!r} is missing") from exc
+        try:
+            _remove_quietly(shm)
+            # sysv_ipc never detaches on its own, so copy out and detach now.
+            with memoryview(shm) as view:
+                return memoryview(bytearray(view))
+        finally:
+            shm.detach()
+
+    def remove_side(self, name: str, seq: int) -> None:
+        try:
+            shm = sysv_ipc.SharedMemory(sysv_key(name, _side_role(seq)))
+        except sysv_ipc.ExistentialError:
+            return
+        _remove_quietly(shm)
+        shm.detach()
+
+    def _remove_sides(self, name: str) -> None:
+        """Remove the side segments that can still exist: those of the last
+        capacity/16 + 1024 sequence numbers (the most that can be in flight)."""
+        try:
+            shm = sysv_ipc.SharedMemory(sysv_key(name, "shm"))
+        except sysv_ipc.ExistentialError:
+            return
+        try:
+            with memoryview(shm) as buf:
+                if buf.nbytes < L.HEADER_SIZE:
+                    return
+                with buf.cast("Q") as q:
+                    top = q[L.Q_LARGE_SEQ]
+                    capacity = q[L.OFF["capacity"] // 8]
+        finally:
+            shm.detach()
+        window = min(capacity, L.MAX_CAPACITY) // 16 + 1024
+        wanted = {sysv_key(name, _side_role(s)) for s in range(max(0, top - window), top)}
+        if not wanted:
+            return
+        try:
+            with open("/proc/sysvipc/shm") as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            return
+        for line in lines:
+            fields = line.split()
+            if fields and int(fields[0]) in wanted:
+                try:
+                    sysv_ipc.remove_shared_memory(int(fields[1]))
+                except sysv_ipc.Error:
+                    pass
+
+
+def _side_role(seq: int) -> str:
+    return "L" + L.side_segment_suffix(seq)[2:]
 
 
 def _remove_quietly(obj: sysv_ipc.SharedMemory | sysv_ipc.Semaphore) -> None:

@@ -1,0 +1,384 @@
+"""Drop-in twins of multiprocessing.Queue, JoinableQueue and SimpleQueue.
+
+Change ``from multiprocessing import Queue`` to ``from shmchan import Queue`` and the
+program keeps working: the same methods, arguments, exceptions (``queue.Empty``,
+``queue.Full``, ``ValueError`` on a closed queue), blocking and timeouts. What
+differs, and why:
+
+* Objects are pickled by ``put`` itself, not by a feeder thread, so an unpicklable
+  object raises in ``put`` and leaves the queue unchanged; nothing is buffered in the
+  producer, so a process never hangs at exit flushing a queue, and ``empty()`` and
+  ``qsize()`` are exact (``qsize`` works on every platform).
+* The ring holds ``capacity`` bytes (4 MiB unless told otherwise). A ``put`` blocks
+  when ``maxsize`` items are queued, as in multiprocessing, and also when the ring is
+  out of bytes (multiprocessing would keep buffering in the producer's memory).
+  A message that can never fit the ring goes through a one-shot side segment
+  instead, with the same ordering and blocking.
+* Queues can be pickled at any time (through another queue, as ``Pool`` or
+  ``ProcessPoolExecutor`` arguments), not only as ``Process`` arguments, and other
+  processes can attach by name with :meth:`Queue.open`.
+* A negative ``timeout`` raises ``ValueError``, like ``queue.Queue``.
+* After ``close()``, every method but ``close``, ``join_thread`` and
+  ``cancel_join_thread`` raises ``ValueError`` (multiprocessing still answers
+  ``qsize`` and ``full``, and raises OSError from ``empty``); a closed
+  :class:`SimpleQueue` raises an error that is both a ValueError and an OSError.
+
+Lifetime: a queue created without a name is removed, with everything it uses in
+/dev/shm or SysV IPC, once every process that used it has closed it or exited,
+whatever way it exited (docs/layout.md, section 12). A queue created with a name
+lives until :meth:`Queue.unlink`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from typing import Any, Final, Generic, TypeVar
+
+from . import _layout as L
+from . import _lifetime
+from ._backends import DEFAULT_BACKEND, get_backend
+from ._backends._base import DEFAULT_OPEN_TIMEOUT, Backend, read_owner
+from ._channel import check_timeout, geometry
+from ._codec import UnknownRecordType, decode, encode, write_into
+from ._core import ChannelCore
+from ._errors import ChannelNotFound, ClosedChannel, Empty, Full, UndecodableMessage
+from ._fence import deadline_after
+
+__all__ = ("DEFAULT_QUEUE_CAPACITY", "JoinableQueue", "Queue", "SimpleQueue")
+
+T = TypeVar("T")
+
+DEFAULT_QUEUE_CAPACITY: Final = 4 << 20
+"""Ring bytes of a queue created without ``capacity`` (4 MiB)."""
+
+
+class _ClosedSimpleQueue(ClosedChannel, OSError):
+    """A closed SimpleQueue: a ValueError (shmchan) and an OSError (multiprocessing)."""
+
+
+def _unnamed(backend: str) -> str:
+    token = f"shmchan-q-{secrets.token_hex(12)}"
+    if backend == "mmap":
+        directory = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
+        return os.path.join(directory, token)
+    return token
+
+
+class _QueueCore(Generic[T]):
+    """What every queue face shares: the attachment, the codec, the lifetime hold."""
+
+    _core: ChannelCore
+    _impl: Backend
+    _name: str
+    _backend: str
+    _owner: str
+    _maxsize: int
+    _closed: bool
+
+    def _create(self, maxsize: int, name: str | None, backend: str | None, capacity: int | None) -> None:
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int):
+            raise TypeError(f"maxsize must be an int, not {type(maxsize).__name__}")
+        self._closed = True  # until fully made, for __del__
+        self._maxsize = max(0, maxsize)
+        self._backend = backend or DEFAULT_BACKEND
+        self._impl = get_backend(self._backend)
+        cap, max_record = geometry(DEFAULT_QUEUE_CAPACITY if capacity is None else capacity, None)
+        if name is None:
+            self._name = self._impl.normalize_name(_unnamed(self._backend))
+            self._owner = _lifetime.create_hold(self._backend, self._name)
+        else:
+            self._name = self._impl.normalize_name(name)
+            self._owner = ""
+        try:
+            seg = self._impl.create(
+                self._name, cap, max_record, 0o600, max_items=self._maxsize, owner=self._owner.encode()
+            )
+        except BaseException:
+            if self._owner:
+                _lifetime.release(self._owner, self._backend, self._name)
+            raise
+        self._core = ChannelCore(seg)
+        self._closed = False
+
+    def _attach(self, name: str, backend: str, token: str = "", owner: str | None = None) -> None:
+        self._closed = True
+        self._backend = backend
+        self._impl = get_backend(backend)
+        self._name = self._impl.normalize_name(name)
+        held = False
+        if owner:
+            try:
+                _lifetime.hold(owner, backend, self._name)
+                held = True
+            except _lifetime.ServiceGone:
+                raise ChannelNotFound(
+                    f"queue {self._name!r} was released by every process that used it"
+                ) from None
+        try:
+            seg = self._impl.open(self._name, DEFAULT_OPEN_TIMEOUT)
+            found = read_owner(seg.buf)
+            if owner is None and found:  # opened by name: hold it like any other user
+                try:
+                    _lifetime.hold(found, backend, self._name)
+                    held = True
+                except _lifetime.ServiceGone:
+                    seg.close()
+                    raise ChannelNotFound(f"queue {self._name!r} is being removed") from None
+        except BaseException:
+            if held and owner:
+                _lifetime.release(owner, backend, self._name)
+            raise
+        finally:
+            if owner and token:
+                _lifetime.redeem(owner, token)
+        self._owner = found if held else ""
+        self._maxsize = seg.info.max_items
+        self._core = ChannelCore(seg)
+        self._closed = False
+
+    # -- shared operations -----------------------------------------------------------------
+
+    def _closed_error(self) -> ClosedChannel:
+        return ClosedChannel(f"Queue {self!r} is closed")
+
+    def _put(self, obj: Any, block: bool, timeout: float | None) -> None:
+        if self._closed:
+            raise self._closed_error()
+        deadline = deadline_after(check_timeout(timeout)) if block else deadline_after(0.0)
+        enc = encode(obj)
+        core = self._core
+        if enc.n <= core.max_payload:
+            if core.send(enc.payload, enc.rtype, deadline, enc.n, enc.parts):
+                return
+            raise Full
+        self._put_large(enc, deadline)
+
+    def _put_large(self, enc: Any, deadline: float | None) -> None:
+        """A message the ring can never hold: write it to a side segment and queue a
+        reference to it (docs/layout.md 2.5)."""
+        core = self._core
+        seq = core.reserve_large_seq()
+        view, close = self._impl.create_side(self._name, seq, enc.n, core.seg.permissions)
+        try:
+            write_into(enc, view)
+        except BaseException:
+            close()
+            self._impl.remove_side(self._name, seq)
+            raise
+        close()
+        ref = L.LARGE_REF.pack(seq, enc.n, enc.rtype, 0, 0)
+        try:
+            sent = core.send(memoryview(ref), L.RT_LARGE, deadline)
+        except BaseException:
+            self._impl.remove_side(self._name, seq)
+            raise
+        if not sent:
+            self._impl.remove_side(self._name, seq)
+            raise Full
+
+    def _get(self, block: bool, timeout: float | None) -> Any:
+        if self._closed:
+            raise self._closed_error()
+        deadline = deadline_after(check_timeout(timeout)) if block else deadline_after(0.0)
+        got = self._core.recv(deadline)
+        if got is None:
+            raise Empty
+        rtype, payload = got
+        try:
+            return decode(rtype, payload, self._open_side)
+        except UnknownRecordType as exc:
+            raise UndecodableMessage(str(exc), record_type=exc.rtype, payload=bytes(payload)) from None
+
+    def _open_side(self, seq: int) -> memoryview:
+        return self._impl.open_side(self._name, seq)
+
+    def _qsize(self) -> int:
+        if self._closed:
+            raise self._closed_error()
+        return self._core.ring.items()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The queue's name; other processes can attach with ``open(name)``."""
+        return self._name
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    def close(self) -> None:
+        """Close this handle (idempotent): later calls on it raise ValueError.
+
+        Nothing is lost: every ``put`` that returned is already in shared memory.
+        The queue itself stays for the other processes that use it.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._core.close()
+        if self._owner:
+            _lifetime.release(self._owner, self._backend, self._name)
+
+    def unlink(self) -> None:
+        """Remove the queue's name and OS objects now (for a named queue).
+
+        Handles that are open keep working on the posix and mmap backends.
+        """
+        self._impl.remove(self._name)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self._closed:
+            raise self._closed_error()
+        token = _lifetime.transfer(self._owner, self._backend, self._name) if self._owner else ""
+        return (_rebuild, (type(self), self._name, self._backend, self._owner, token))
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"maxsize={self._maxsize}"
+        return f"<shmchan.{type(self).__name__} {self._name!r} backend={self._backend!r} {state}>"
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            with contextlib.suppress(Exception):  # never raise from a finalizer
+                self.close()
+
+
+def _rebuild(cls: type[_QueueCore[Any]], name: str, backend: str, owner: str, token: str) -> Any:
+    obj = cls.__new__(cls)
+    obj._attach(name, backend, token, owner)
+    return obj
+
+
+class Queue(_QueueCore[T]):
+    """A process-shared FIFO queue with the API of ``multiprocessing.Queue``.
+
+    Args:
+        maxsize: the most items it holds; ``put`` blocks while it is full. 0 (or
+            less) means no item limit (the ring's ``capacity`` still bounds bytes).
+        name: attach-by-name identity; None makes an unnamed queue that cleans up
+            after itself when every process using it is gone.
+        backend: "posix" (default), "sysv" or "mmap".
+        capacity: ring bytes (default 4 MiB, rounded up to a power of two). Messages
+            larger than half of it travel through side segments.
+    """
+
+    def __init__(
+        self,
+        maxsize: int = 0,
+        *,
+        name: str | None = None,
+        backend: str | None = None,
+        capacity: int | None = None,
+    ) -> None:
+        self._create(maxsize, name, backend, capacity)
+
+    @classmethod
+    def open(cls, name: str, *, backend: str | None = None) -> Any:
+        """Attach to an existing queue by name, from any process."""
+        obj = cls.__new__(cls)
+        obj._attach(name, backend or DEFAULT_BACKEND)
+        return obj
+
+    def put(self, obj: T, block: bool = True, timeout: float | None = None) -> None:
+        """Put ``obj`` on the queue.
+
+        Blocks (sleeping) while the queue holds ``maxsize`` items or its ring is out
+        of room, for at most ``timeout`` seconds, then raises ``queue.Full``. With
+        ``block=False`` it never waits. ``obj`` is pickled here, so a pickling error
+        raises here and nothing is queued. Once ``put`` returns, the item is in
+        shared memory: it survives this process's exit or death.
+        """
+        self._put(obj, block, timeout)
+
+    def put_nowait(self, obj: T) -> None:
+        """``put(obj, block=False)``."""
+        self._put(obj, False, None)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> T:
+        """Remove and return the oldest item.
+
+        Blocks (sleeping) while the queue is empty, for at most ``timeout`` seconds,
+        then raises ``queue.Empty``. With ``block=False`` it never waits. An item that
+        cannot be unpickled here raises the unpickling error, and is consumed so it
+        cannot block the queue. A Ctrl-C while waiting consumes nothing.
+        """
+        item: T = self._get(block, timeout)
+        return item
+
+    def get_nowait(self) -> T:
+        """``get(block=False)``."""
+        item: T = self._get(False, None)
+        return item
+
+    def qsize(self) -> int:
+        """The number of items in the queue now (exact at the time it is read)."""
+        return self._qsize()
+
+    def empty(self) -> bool:
+        return self._qsize() == 0
+
+    def full(self) -> bool:
+        """True if a ``put`` would block now for lack of an item slot."""
+        return self._maxsize > 0 and self._qsize() >= self._maxsize
+
+    def join_thread(self) -> None:
+        """Return at once: there is no feeder thread to wait for. Like
+        multiprocessing, it is an error (AssertionError) before ``close()``."""
+        if not self._closed:
+            raise AssertionError(f"Queue {self!r} not closed")
+
+    def cancel_join_thread(self) -> None:
+        """Do nothing: there is no feeder thread, so exiting never waits on a queue."""
+
+
+class JoinableQueue(Queue[T]):
+    """A :class:`Queue` with ``task_done()`` and ``join()``, like
+    ``multiprocessing.JoinableQueue``. Every ``put`` adds an unfinished task."""
+
+    def task_done(self) -> None:
+        """Mark one item as processed. Raises ValueError if called more times than
+        items were put."""
+        if self._closed:
+            raise self._closed_error()
+        self._core.task_done()
+
+    def join(self) -> None:
+        """Block (sleeping) until every item put so far has been marked done."""
+        if self._closed:
+            raise self._closed_error()
+        self._core.join(None)
+
+
+class SimpleQueue(_QueueCore[T]):
+    """A process-shared FIFO queue with the API of ``multiprocessing.SimpleQueue``:
+    ``put``, ``get``, ``empty`` and ``close``, with no size limit or timeouts."""
+
+    def __init__(
+        self, *, name: str | None = None, backend: str | None = None, capacity: int | None = None
+    ) -> None:
+        self._create(0, name, backend, capacity)
+
+    @classmethod
+    def open(cls, name: str, *, backend: str | None = None) -> Any:
+        """Attach to an existing queue by name, from any process."""
+        obj = cls.__new__(cls)
+        obj._attach(name, backend or DEFAULT_BACKEND)
+        return obj
+
+    def _closed_error(self) -> ClosedChannel:
+        return _ClosedSimpleQueue(f"SimpleQueue {self!r}: handle is closed")
+
+    def put(self, obj: T) -> None:
+        """Put ``obj`` on the queue (pickled here); blocks while the ring is full."""
+        self._put(obj, True, None)
+
+    def get(self) -> T:
+        """Remove and return the oldest item, blocking while the queue is empty."""
+        item: T = self._get(True, None)
+        return item
+
+    def empty(self) -> bool:
+        return self._qsize() == 0

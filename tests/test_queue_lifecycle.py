@@ -1,0 +1,392 @@
+"""Queue lifetime, pickling anywhere, messages bigger than the ring, and copies.
+
+Unnamed queues must leave nothing in /dev/shm or SysV IPC once every process that
+used them is gone, however they went (normal exit, exception, SIGKILL of the whole
+tree), and a process that merely attached must never destroy a queue for the others.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import sys
+import textwrap
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import snapshot
+from helpers.children import Child, wait_until
+from helpers.procs import child_env
+
+import shmchan
+from shmchan import _layout as L
+
+FORK = mp.get_context("fork")
+SPAWN = mp.get_context("spawn")
+
+
+def descendants(root: int) -> list[int]:
+    """Every live process below ``root`` (found through /proc parent links)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+    found: list[int] = []
+    frontier = [root]
+    while frontier:
+        pid = frontier.pop()
+        kids = [p for p, pp in parents.items() if pp == pid]
+        found += kids
+        frontier += kids
+    return found
+
+
+def wait_clean(baseline: tuple[set[str], set[str], set[str]], timeout: float = 15.0) -> None:
+    """Wait (bounded) until /dev/shm and SysV IPC are back to ``baseline``: the lifetime
+    service removes queues asynchronously once their last holder is gone."""
+    wait_until(lambda: snapshot() == baseline, timeout, "the lifetime service to remove the queue")
+
+
+# -- lifetime of unnamed queues -----------------------------------------------------------
+
+TREE = """
+import os, sys, multiprocessing as mp
+import shmchan
+
+def worker(q, r):
+    r.put(("up", os.getpid()))  # every worker holds both queues before the tree ends
+    while True:
+        r.put(q.get())
+
+if __name__ == "__main__":
+    backend, mode = sys.argv[1], sys.argv[2]
+    ctx = mp.get_context("spawn")
+    q = shmchan.Queue(backend=backend)
+    r = shmchan.Queue(backend=backend)
+    big = shmchan.Queue(backend=backend, capacity=4096)
+    big.put(b"x" * 10000)  # a side segment still in flight when everything dies
+    procs = [ctx.Process(target=worker, args=(q, r), daemon=(mode != "kill")) for _ in range(2)]
+    for p in procs:
+        p.start()
+    assert sorted(r.get(timeout=60)[1] for _ in procs) == sorted(p.pid for p in procs)
+    for i in range(200):
+        q.put(i)
+    assert sorted(r.get(timeout=30) for _ in range(200)) == list(range(200))
+    print("ready", os.getpid(), *[p.pid for p in procs], flush=True)
+    if mode == "kill":
+        sys.stdin.readline()  # wait to be killed
+    elif mode == "raise":
+        raise RuntimeError("the workload failed")
+    # mode "exit": return normally; daemonic workers are terminated at exit
+"""
+
+
+@pytest.mark.parametrize("mode", ["exit", "raise", "kill"])
+def test_unnamed_queues_leave_nothing_behind(backend: str, mode: str, tmp_path: Path) -> None:
+    baseline = snapshot()
+    script = tmp_path / "tree.py"
+    script.write_text(TREE)
+    child = Child(
+        f"import runpy, sys; sys.argv = ['tree.py', {backend!r}, {mode!r}]; runpy.run_path({str(script)!r}, run_name='__main__')"
+    )
+    try:
+        line = child.expect("ready", timeout=60)
+        pids = [int(p) for p in line.split()[1:]]
+        assert snapshot() != baseline  # the queues exist while the tree lives
+        if mode == "kill":
+            tree = descendants(pids[0])
+            assert set(pids[1:]) <= set(tree)
+            for pid in [*tree, pids[0]]:  # SIGKILL every process of the tree
+                os.kill(pid, signal.SIGKILL)
+            child.finish(timeout=30)
+            assert child.proc.returncode == -signal.SIGKILL
+        else:
+            code = child.finish(timeout=60)
+            assert code == (1 if mode == "raise" else 0), child.stderr
+    finally:
+        child.kill()
+    wait_clean(baseline)
+
+
+def test_attaching_process_never_destroys_the_queue(backend: str) -> None:
+    """Regression guard for CPython gh-82300: a process that only attached, used the
+    queue and exited must leave it intact for the others."""
+    q: shmchan.Queue[str] = shmchan.Queue(backend=backend)
+    try:
+        code = f"""
+            import shmchan
+            q = shmchan.Queue.open({q.name!r}, backend={backend!r})
+            q.put("from a stranger")
+            print(q.qsize(), flush=True)
+        """
+        child = Child(code)
+        assert child.expect("1") == "1"
+        assert child.finish(timeout=30) == 0, child.stderr
+        assert child.stderr == ""  # no resource-tracker warnings either
+        assert q.get(timeout=5) == "from a stranger"
+        q.put("still here")
+        assert q.get(timeout=5) == "still here"
+    finally:
+        q.close()
+
+
+def test_named_queue_lives_until_unlinked(backend: str, name: str) -> None:
+    q: shmchan.Queue[int] = shmchan.Queue(name=name, backend=backend)
+    q.put(7)
+    q.close()
+    other: shmchan.Queue[int] = shmchan.Queue.open(name, backend=backend)
+    try:
+        assert other.get(timeout=5) == 7
+    finally:
+        other.close()
+    # the `name` fixture removes it; a second create with the same name must fail
+    with pytest.raises(shmchan.ChannelExists):
+        shmchan.Queue(name=name, backend=backend)
+
+
+def test_open_of_a_released_queue_fails_cleanly(backend: str) -> None:
+    q: shmchan.Queue[int] = shmchan.Queue(backend=backend)
+    name = q.name
+    q.close()
+    with pytest.raises(shmchan.ChannelNotFound):
+        shmchan.Queue.open(name, backend=backend)
+
+
+def test_pickled_copy_in_flight_keeps_the_queue(backend: str) -> None:
+    """A pickled queue holds the queue until it is unpickled, even if every handle
+    closed meanwhile (as when a parent drops a queue right after Process.start())."""
+    q: shmchan.Queue[int] = shmchan.Queue(backend=backend)
+    q.put(42)
+    blob = pickle.dumps(q)
+    q.close()
+    revived = pickle.loads(blob)
+    try:
+        assert revived.get(timeout=5) == 42
+    finally:
+        revived.close()
+
+
+# -- pickling anywhere ---------------------------------------------------------------------
+
+
+def _forward(inbox: shmchan.Queue[Any], outbox: shmchan.Queue[Any]) -> None:
+    """A running worker that receives a queue through another queue and uses it."""
+    reply_q = inbox.get(timeout=30)
+    reply_q.put(("hello from", os.getpid()))
+    outbox.put("done")
+    reply_q.close()
+
+
+def test_queue_through_another_queue_to_a_running_worker(backend: str) -> None:
+    inbox: shmchan.Queue[Any] = shmchan.Queue(backend=backend)
+    outbox: shmchan.Queue[Any] = shmchan.Queue(backend=backend)
+    reply: shmchan.Queue[Any] = shmchan.Queue(backend=backend)
+    worker = SPAWN.Process(target=_forward, args=(inbox, outbox))
+    worker.start()
+    try:
+        inbox.put(reply)  # multiprocessing raises RuntimeError here
+        assert outbox.get(timeout=60) == "done"
+        msg, pid = reply.get(timeout=10)
+        assert (msg, pid) == ("hello from", worker.pid)
+    finally:
+        worker.join(30)
+        for q in (inbox, outbox, reply):
+            q.close()
+    assert worker.exitcode == 0
+
+
+def _pool_task(q: shmchan.Queue[int], x: int) -> int:
+    q.put(x * x)
+    return x
+
+
+def test_queue_as_pool_and_executor_argument(backend: str) -> None:
+    q: shmchan.Queue[int] = shmchan.Queue(backend=backend)
+    try:
+        with FORK.Pool(2) as pool:
+            assert sorted(pool.apply_async(_pool_task, (q, i)).get(30) for i in range(5)) == list(range(5))
+        with concurrent.futures.ProcessPoolExecutor(2, mp_context=SPAWN) as ex:
+            assert sorted(f.result(60) for f in [ex.submit(_pool_task, q, i) for i in range(5, 8)]) == [
+                5,
+                6,
+                7,
+            ]
+        assert sorted(q.get(timeout=10) for _ in range(8)) == sorted(i * i for i in range(8))
+    finally:
+        q.close()
+
+
+# -- messages bigger than the ring ---------------------------------------------------------
+
+
+def test_messages_bigger_than_the_ring(backend: str) -> None:
+    q: shmchan.Queue[Any] = shmchan.Queue(3, backend=backend, capacity=4096)
+    try:
+        items = [b"a" * 10_000, "small", bytearray(b"b" * 50_000), np.arange(5000), {"k": b"c" * 3000}]
+        for item in items[:3]:
+            q.put(item)
+        with pytest.raises(shmchan.Full):  # maxsize counts large messages like any other
+            q.put(items[3], timeout=0.1)
+        got = [q.get(timeout=5) for _ in range(3)]
+        for item in items[3:]:
+            q.put(item)
+        got += [q.get(timeout=5) for _ in range(2)]
+        assert got[:3] == items[:3] and type(got[2]) is bytearray
+        np.testing.assert_array_equal(got[3], items[3])
+        assert got[4] == items[4]
+    finally:
+        q.close()
+
+
+def test_side_segments_go_away_with_the_queue(backend: str) -> None:
+    baseline = snapshot()
+    q: shmchan.Queue[bytes] = shmchan.Queue(backend=backend, capacity=4096)
+    for i in range(3):
+        q.put(bytes([i]) * 20_000)  # never received
+    assert q._core.ring.items() == 3
+    q.close()  # the last holder: the queue and its three side segments go
+    wait_clean(baseline)
+
+
+def test_unpicklable_put_leaves_the_queue_unchanged(backend: str) -> None:
+    q: shmchan.Queue[Any] = shmchan.Queue(backend=backend)
+    try:
+        q.put(1)
+        with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+            q.put(lambda: 0)
+        assert q.qsize() == 1
+        assert q.get(timeout=1) == 1
+    finally:
+        q.close()
+
+
+class _Explodes:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_explode, ())
+
+
+def _explode() -> None:
+    raise RuntimeError("cannot be rebuilt here")
+
+
+def test_undecodable_item_is_consumed(backend: str) -> None:
+    q: shmchan.Queue[Any] = shmchan.Queue(backend=backend)
+    try:
+        q.put(_Explodes())
+        q.put("next")
+        with pytest.raises(RuntimeError, match="cannot be rebuilt"):
+            q.get(timeout=1)
+        assert q.get(timeout=1) == "next"  # no poison-pill loop
+    finally:
+        q.close()
+
+
+def test_get_after_every_producer_is_gone(backend: str) -> None:
+    """Like multiprocessing: nothing special happens, get waits, Empty on timeout."""
+    q: shmchan.Queue[int] = shmchan.Queue(backend=backend)
+    try:
+        producer = SPAWN.Process(target=_pool_task, args=(q, 3))
+        producer.start()
+        producer.join(60)
+        assert q.get(timeout=10) == 9
+        start = time.monotonic()
+        with pytest.raises(shmchan.Empty):
+            q.get(timeout=0.2)
+        assert 0.2 <= time.monotonic() - start < 0.5
+    finally:
+        q.close()
+
+
+# -- copies ----------------------------------------------------------------------------------
+
+
+def test_numpy_8mib_is_copied_once_on_the_way_in(backend: str) -> None:
+    """An 8 MiB array is written straight into shared memory (one copy, no pickled copy
+    on the Python heap) and arrives equal. tracemalloc sees every Python allocation,
+    so a second copy (a pickle of the data, an intermediate bytes) would show as
+    ~8 MiB of peak."""
+    array = np.random.default_rng(1).random(2 << 20, dtype=np.float32)  # 8 MiB
+    assert array.nbytes == 8 << 20
+    q: shmchan.Queue[Any] = shmchan.Queue(backend=backend)
+    try:
+        tracemalloc.start()
+        try:
+            q.put(array)
+            _, put_peak = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            back = q.get(timeout=10)
+            _, get_peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert put_peak < 256 << 10, f"put allocated {put_peak} bytes on the Python heap"
+        np.testing.assert_array_equal(back, array)
+        assert back.flags.writeable
+        if backend != "sysv":  # received in place: the array's memory is the mapping
+            assert get_peak < 256 << 10, f"get allocated {get_peak} bytes"
+    finally:
+        q.close()
+
+
+def test_record_types_on_the_wire(backend: str) -> None:
+    """bytes skip pickling; NumPy goes out of band; other objects are pickled."""
+    q: shmchan.Queue[Any] = shmchan.Queue(backend=backend)
+    try:
+        for obj, rtype in [
+            (b"raw", L.RT_BYTES),
+            ((1, 2.0, "x"), L.RT_PICKLE),
+            (np.zeros(4), L.RT_PICKLE_OOB),
+        ]:
+            q.put(obj)
+            [(_, seen, _)] = q._core.ring.records()
+            assert seen == rtype
+            q.get(timeout=1)
+    finally:
+        q.close()
+
+
+def test_generic_alias_at_runtime() -> None:
+    assert shmchan.Queue[int].__origin__ is shmchan.Queue  # type: ignore[attr-defined]
+    assert shmchan.SimpleQueue[str] is not None and shmchan.JoinableQueue[bytes] is not None
+
+
+def test_no_resource_tracker_warnings(tmp_path: Path) -> None:
+    """A spawn child that attaches and exits prints nothing on stderr (no 'leaked
+    shared_memory' warnings: shmchan never registers with multiprocessing's tracker)."""
+    code = textwrap.dedent(
+        """
+        import multiprocessing as mp, shmchan
+        def use(q):
+            q.put(1)
+        if __name__ == "__main__":
+            q = shmchan.Queue()
+            p = mp.get_context("spawn").Process(target=use, args=(q,))
+            p.start(); p.join()
+            assert q.get(timeout=10) == 1
+            q.close()
+        """
+    )
+    script = tmp_path / "tracker.py"
+    script.write_text(code)
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(),
+        check=False,
+    )
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr

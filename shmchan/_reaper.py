@@ -88,6 +88,11 @@ class Reaper:
             for key, n in held.items():
                 self.drop(key, n)
             return
+        if data[:1] == b"-":
+            # A release may be the last: first absorb connections that have already
+            # hung up (processes that exited), so the answer, and the removal, happen
+            # before the releasing process goes on.
+            self.absorb_hangups(conn)
         try:
             reply = self.handle(conn, data.decode().split("\t"))
         except (IndexError, UnicodeDecodeError):
@@ -97,6 +102,20 @@ class Reaper:
                 conn.send(reply.encode())
             except OSError:
                 pass
+
+    def absorb_hangups(self, current: socket.socket) -> None:
+        for key, _ in self.sel.select(timeout=0):
+            sock = key.fileobj
+            if sock is self.listener or sock is current or not isinstance(sock, socket.socket):
+                continue
+            try:
+                hung_up = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            except BlockingIOError:
+                hung_up = False
+            except OSError:
+                hung_up = True
+            if hung_up:
+                self.serve(sock)
 
     def handle(self, conn: socket.socket, words: list[str]) -> str | None:
         op = words[0]

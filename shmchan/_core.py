@@ -15,6 +15,7 @@ while the semaphore's value is 0, so values stay bounded by the number of poster
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import weakref
@@ -63,6 +64,7 @@ class ChannelCore:
         self.seg = seg
         self.ring = Ring(seg.buf, seg.info.capacity, seg.info.max_record, seg.info.max_items)
         self.max_payload = self.ring.max_payload
+        self._spin_recv = self._spin_send = SPIN_START_NS if _CAN_SPIN else 0
         _live.add(self)
 
     # -- lifecycle ---------------------------------------------------------------
@@ -92,14 +94,16 @@ class ChannelCore:
         """Append one record. Return False if ``deadline`` passed with no room.
 
         The payload is ``payload``, or (if it is None) ``n`` bytes gathered from
-        ``parts`` (see :meth:`Ring.try_write_parts`). Blocks (sleeping, not spinning)
-        while the ring is full, or holds ``max_items`` records. A KeyboardInterrupt
+        ``parts`` (see :meth:`Ring.try_write_parts`). Blocks while the ring is full, or
+        holds ``max_items`` records: after at most 100 µs of adaptive polling, it
+        sleeps on a semaphore. A KeyboardInterrupt
         leaves the ring unchanged and unlocked.
         """
         ring = self.ring
         seg = self.seg
         lock = seg.wlock
         registered = False
+        spin = self._spin_send > 0
         try:
             while True:
                 if not lock.acquire(_lock_deadline(deadline)):
@@ -117,19 +121,26 @@ class ChannelCore:
                         break
                     if deadline is not None and time.monotonic() >= deadline:
                         return False
-                    ring.add_producers_waiting(1)
-                    registered = True
-                    full_fence()  # Dekker: registration visible before the re-check
-                    if (
-                        ring.try_write(payload, rtype)
-                        if payload is not None
-                        else ring.try_write_parts(n, rtype, parts)
-                    ):
-                        ring.add_producers_waiting(-1)
-                        registered = False
-                        break
+                    if spin:  # poll below, without the lock, before registering
+                        head = ring.head  # room appears when consumers move the head
+                    else:
+                        ring.add_producers_waiting(1)
+                        registered = True
+                        full_fence()  # Dekker: registration visible before the re-check
+                        if (
+                            ring.try_write(payload, rtype)
+                            if payload is not None
+                            else ring.try_write_parts(n, rtype, parts)
+                        ):
+                            ring.add_producers_waiting(-1)
+                            registered = False
+                            break
                 finally:
                     lock.release()
+                if spin:
+                    spin = False
+                    self._spin_send = _spin(functools.partial(_unmoved, ring, head), self._spin_send)
+                    continue
                 _sleep(seg.not_full, deadline)
         finally:
             if registered:  # timed out, or interrupted, while registered as a waiter
@@ -147,13 +158,14 @@ class ChannelCore:
     def recv(self, deadline: float | None) -> tuple[int, bytes | bytearray] | None:
         """Remove the oldest record as ``(type, payload)``; None if ``deadline`` passed.
 
-        Blocks (sleeping, not spinning) while the ring is empty. A KeyboardInterrupt
-        while waiting consumes nothing.
+        Blocks while the ring is empty: after at most 100 µs of adaptive polling, it
+        sleeps on a semaphore. A KeyboardInterrupt while waiting consumes nothing.
         """
         ring = self.ring
         seg = self.seg
         lock = seg.rlock
         registered = False
+        spin = self._spin_recv > 0
         try:
             while True:
                 if not lock.acquire(_lock_deadline(deadline)):
@@ -168,16 +180,21 @@ class ChannelCore:
                         break
                     if deadline is not None and time.monotonic() >= deadline:
                         return None
-                    ring.add_consumers_waiting(1)
-                    registered = True
-                    full_fence()  # Dekker: registration visible before the re-check
-                    got = ring.try_read()
-                    if got is not None:
-                        ring.add_consumers_waiting(-1)
-                        registered = False
-                        break
+                    if not spin:  # (with spin left, poll below without the lock first)
+                        ring.add_consumers_waiting(1)
+                        registered = True
+                        full_fence()  # Dekker: registration visible before the re-check
+                        got = ring.try_read()
+                        if got is not None:
+                            ring.add_consumers_waiting(-1)
+                            registered = False
+                            break
                 finally:
                     lock.release()
+                if spin:
+                    spin = False
+                    self._spin_recv = _spin(ring.is_empty, self._spin_recv)
+                    continue
                 _sleep(seg.not_empty, deadline)
         finally:
             if registered:
@@ -271,6 +288,32 @@ class ChannelCore:
 
     def used_bytes(self) -> int:
         return self.ring.used()
+
+
+SPIN_MIN_NS: Final = 5_000
+SPIN_START_NS: Final = 50_000
+SPIN_MAX_NS: Final = 100_000
+"""Spin budgets: between 5 and 100 µs of polling before a sleep, adaptive."""
+_CAN_SPIN: Final = (os.cpu_count() or 1) > 1  # spinning only helps if the peer runs meanwhile
+
+
+def _spin(still_waiting: Callable[[], bool], budget_ns: int) -> int:
+    """Poll the ring briefly before sleeping: a semaphore wakeup costs tens of µs
+    here, and a peer that is busy on another core often delivers sooner. Return the
+    next budget: after a success, twice the wait it took (so typical waits stay
+    covered); after a miss, half (so an idle or oversubscribed machine quickly stops
+    spending CPU on it). A call spins at most once, before its first sleep."""
+    now = time.perf_counter_ns
+    start = now()
+    end = start + budget_ns
+    while still_waiting():
+        if now() > end:
+            return max(SPIN_MIN_NS, budget_ns // 2)
+    return min(SPIN_MAX_NS, max(budget_ns, 2 * (now() - start)))
+
+
+def _unmoved(ring: Ring, head: int) -> bool:
+    return ring.head == head
 
 
 def _sleep(wakeup: Wakeup, deadline: float | None) -> None:

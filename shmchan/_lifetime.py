@@ -10,6 +10,7 @@ before the parent can drop its own.
 
 from __future__ import annotations
 
+import atexit
 import os
 import secrets
 import socket
@@ -47,6 +48,19 @@ class _Conn:
     def tell(self, *words: str) -> None:
         with self.lock:
             self.sock.send("\t".join(words).encode())
+
+
+def _drop(address: str) -> None:
+    conn = _conns.pop(address, None)
+    if conn is not None:
+        conn.sock.close()
+
+
+@atexit.register
+def _close_all() -> None:
+    # Exiting closes them anyway; closing first keeps -X dev / ResourceWarning quiet.
+    for address in list(_conns):
+        _drop(address)
 
 
 def _conn(address: str) -> _Conn:
@@ -94,7 +108,7 @@ def create_hold(backend: str, name: str) -> str:
             try:
                 reply = _conn(_own).request("c", backend, name)
             except OSError:
-                _conns.pop(_own, None)
+                _drop(_own)
                 _own = None  # it exited (idle) or was killed: start another
                 continue
             if reply == "ok":
@@ -110,7 +124,7 @@ def hold(address: str, backend: str, name: str) -> None:
         try:
             reply = _conn(address).request("+", backend, name)
         except OSError as exc:
-            _conns.pop(address, None)
+            _drop(address)
             raise ServiceGone(f"lifetime service {address} is unreachable") from exc
         if reply != "ok":
             raise ServiceGone(f"queue {name!r} has been released by every process")
@@ -129,7 +143,7 @@ def release(address: str, backend: str, name: str) -> None:
         try:
             _conn(address).request("-", backend, name)
         except OSError:
-            _conns.pop(address, None)
+            _drop(address)
 
 
 def transfer(address: str, backend: str, name: str) -> str:
@@ -139,7 +153,7 @@ def transfer(address: str, backend: str, name: str) -> str:
         try:
             reply = _conn(address).request("t", backend, name, token)
         except OSError:
-            _conns.pop(address, None)
+            _drop(address)
             return ""
     return token if reply == "ok" else ""
 
@@ -151,12 +165,10 @@ def redeem(address: str, token: str) -> None:
         try:
             _conn(address).request("r", token)
         except OSError:
-            _conns.pop(address, None)
+            _drop(address)
 
 
 # -- fork ------------------------------------------------------------------------------
-
-_fork_conns: dict[str, _Conn] = {}
 
 
 def _before_fork() -> None:

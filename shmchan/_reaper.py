@@ -73,6 +73,8 @@ class Reaper:
                     self.serve(sock)
 
     def serve(self, conn: socket.socket) -> None:
+        if conn not in self.holds:
+            return  # already closed while absorbing hang-ups in this same select batch
         try:
             data = conn.recv(4096)
         except OSError:
@@ -164,6 +166,18 @@ def remove(backend: str, name: str) -> None:
         get_backend(backend).remove(name)
 
 
+def run_forever(listener: socket.socket) -> None:
+    """Serve until idle. Whatever goes wrong in one request must not end the service:
+    every queue it holds would leak."""
+    reaper = Reaper(listener)
+    while True:
+        try:
+            reaper.run()
+            return
+        except Exception:  # noqa: BLE001, S112 - resume with the state as it is: stdout is /dev/null
+            continue
+
+
 def main() -> None:
     # Started by posix_spawn in a new session with the listening socket as fd 3.
     # Fork once more so that we are not a descendant of the creator: killing its
@@ -172,7 +186,7 @@ def main() -> None:
         os._exit(0)
     listener = socket.socket(fileno=3)
     try:
-        Reaper(listener).run()
+        run_forever(listener)
     finally:
         listener.close()
 

@@ -6,15 +6,18 @@ share a channel with Python.
 
 from __future__ import annotations
 
+from ._async import aselect
 from ._backends import BACKENDS, DEFAULT_BACKEND, available_backends
 from ._channel import DEFAULT_CAPACITY, Channel
 from ._errors import (
     BackendUnavailable,
+    BrokenChannel,
     ChannelExists,
     ChannelNotFound,
     ClosedChannel,
     CorruptChannel,
     Empty,
+    EndOfChannel,
     Full,
     IncompatibleLayout,
     InitializationTimeout,
@@ -24,10 +27,12 @@ from ._errors import (
     NotAShmchanSegment,
     ShmchanError,
     UndecodableMessage,
+    WrongMode,
 )
 from ._layout import LAYOUT_MAJOR as _MAJOR
 from ._layout import LAYOUT_MINOR as _MINOR
 from ._queue import DEFAULT_QUEUE_CAPACITY, JoinableQueue, Queue, SimpleQueue
+from ._select import select
 from ._version import __version__
 
 LAYOUT_VERSION = (_MAJOR, _MINOR)
@@ -40,12 +45,14 @@ __all__ = (
     "DEFAULT_QUEUE_CAPACITY",
     "LAYOUT_VERSION",
     "BackendUnavailable",
+    "BrokenChannel",
     "Channel",
     "ChannelExists",
     "ChannelNotFound",
     "ClosedChannel",
     "CorruptChannel",
     "Empty",
+    "EndOfChannel",
     "Full",
     "IncompatibleLayout",
     "InitializationTimeout",
@@ -58,6 +65,9 @@ __all__ = (
     "ShmchanError",
     "SimpleQueue",
     "UndecodableMessage",
+    "WrongMode",
     "__version__",
+    "aselect",
     "available_backends",
+    "select",
 )

@@ -5,20 +5,36 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, Final, Self
 
 from . import _layout as L
+from . import _objects
 from ._backends import DEFAULT_BACKEND, get_backend
-from ._backends._base import DEFAULT_OPEN_TIMEOUT, check_permissions
+from ._backends._base import DEFAULT_OPEN_TIMEOUT, READER, WRITER, check_permissions
 from ._core import ChannelCore
-from ._errors import ClosedChannel, Empty, Full, MessageTooLarge, ShmchanError, UndecodableMessage
+from ._errors import (
+    BrokenChannel,
+    ClosedChannel,
+    Empty,
+    EndOfChannel,
+    Full,
+    MessageTooLarge,
+    ShmchanError,
+    WrongMode,
+)
 from ._fence import deadline_after
 
 __all__ = ("DEFAULT_CAPACITY", "Channel")
 
 DEFAULT_CAPACITY: Final = 1 << 20
 """Ring bytes of a channel created without ``capacity`` (1 MiB)."""
+
+BROKEN_RECHECK: Final = 0.1
+"""Seconds between a sender's checks that the channel's readers are alive (a reader
+that closed cleanly is noticed at once; one that died, within this time)."""
 
 
 def check_timeout(timeout: float | None) -> float | None:
@@ -63,31 +79,51 @@ def geometry(capacity: int, max_message: int | None) -> tuple[int, int]:
 
 
 class Channel:
-    """A named, shared-memory, multi-producer multi-consumer channel of byte messages.
+    """A named, shared-memory, multi-producer multi-consumer channel.
 
     Unrelated processes reach the same channel by name: one calls :meth:`create`, the
     others :meth:`open`. Messages are delivered whole (never torn), exactly once, and
     in the order their sends completed, so each producer's messages stay in order.
+    Objects are sent with :meth:`send` (pickled like a Queue's items, any size) and
+    raw bytes with :meth:`send_bytes` (what C, Go or Rust peers exchange).
+
+    Like a pipe, every handle has a mode: "r", "w" or "rw". Once no handle with
+    write rights remains open anywhere, receivers drain what is left and then get
+    :class:`EndOfChannel` (iteration simply stops); once no handle with read rights
+    remains, senders get :class:`BrokenChannel`. A process that dies without closing
+    its handles (SIGKILL included) counts as having closed them.
 
     A handle is thread-safe and may be pickled (for example as a ``Process``
-    argument under fork, spawn or forkserver); unpickling opens the channel by name.
-    Handles survive ``os.fork()``: the child re-attaches on its own.
+    argument under fork, spawn or forkserver); unpickling opens the channel by name
+    with the same mode. Handles survive ``os.fork()``: the child re-attaches on its own.
+    :attr:`aio` is the same handle as an anyio object stream, for asyncio and trio.
 
     Crash behaviour (docs/layout.md, "Crash safety"): a process killed at any instant
     never leaves a torn message visible and never blocks the others for more than
     about :data:`shmchan._core.WAIT_SLICE`. A sender killed before its send returned
-    may or may not have delivered that message; a receiver killed inside
-    ``recv_bytes`` either leaves the message for another receiver or takes it with it.
+    may or may not have delivered that message; a receiver killed inside a receive
+    either leaves the message for another receiver or takes it with it.
     """
 
-    __slots__ = ("__weakref__", "_backend", "_closed", "_core", "_name")
+    __slots__ = ("__weakref__", "_backend", "_broken_checked", "_closed", "_core", "_impl", "_mode", "_name")
 
-    def __init__(self, core: ChannelCore, backend: str) -> None:
+    def __init__(self, core: ChannelCore, backend: str, mode: str) -> None:
         """Use :meth:`create` or :meth:`open`."""
         self._core = core
         self._backend = backend
+        self._impl = get_backend(backend)
         self._name = core.seg.name
+        self._mode = mode
         self._closed = False
+        self._broken_checked = 0.0
+        try:
+            if "w" in mode:
+                core.enter_role(WRITER)
+            if "r" in mode:
+                core.enter_role(READER)
+        except BaseException:
+            core.close()
+            raise
 
     # -- construction and naming -------------------------------------------------------
 
@@ -100,32 +136,40 @@ class Channel:
         max_message: int | None = None,
         backend: str = DEFAULT_BACKEND,
         permissions: int = 0o600,
+        mode: str = "rw",
     ) -> Channel:
         """Create a new channel called ``name`` and return a handle to it.
 
         ``capacity`` is the ring's size in bytes (rounded up to a power of two, at
-        least 4096); ``max_message`` the largest payload it accepts (default and
-        maximum: about half the capacity, which guarantees that an empty ring always
-        accepts a largest message). The memory is allocated now, and the segment and
-        its semaphores get exactly ``permissions``, whatever the umask.
+        least 4096); ``max_message`` the largest payload :meth:`send_bytes` accepts
+        (default and maximum: about half the capacity, which guarantees that an empty
+        ring always accepts a largest message; :meth:`send` takes objects of any
+        size). The memory is allocated now, and the segment and its semaphores get
+        exactly ``permissions``, whatever the umask. ``mode`` is this handle's rights.
 
         Raises:
             ChannelExists: the name is taken.
             NoSpace: the OS cannot back the memory (nothing is left behind).
-            ValueError: bad name, sizes or permissions.
+            ValueError: bad name, sizes, permissions or mode.
             BackendUnavailable: unknown or unusable backend.
         """
+        _check_mode(mode)
         cap, max_record = geometry(capacity, max_message)
         perms = check_permissions(permissions)
         impl = get_backend(backend)
         seg = impl.create(name, cap, max_record, perms)
-        return cls(ChannelCore(seg), backend)
+        return cls(ChannelCore(seg), backend, mode)
 
     @classmethod
     def open(
-        cls, name: str, *, backend: str = DEFAULT_BACKEND, timeout: float = DEFAULT_OPEN_TIMEOUT
+        cls,
+        name: str,
+        *,
+        backend: str = DEFAULT_BACKEND,
+        timeout: float = DEFAULT_OPEN_TIMEOUT,
+        mode: str = "rw",
     ) -> Channel:
-        """Attach to the existing channel ``name``.
+        """Attach to the existing channel ``name`` with ``mode`` "r", "w" or "rw".
 
         Waits up to ``timeout`` seconds for a creator that is still initialising it.
 
@@ -135,21 +179,23 @@ class Channel:
             NotAShmchanSegment, IncompatibleLayout, CorruptChannel: it is not a
                 usable v1 channel (checked before any of its memory is trusted).
         """
+        _check_mode(mode)
         impl = get_backend(backend)
         seg = impl.open(name, check_timeout(timeout) or 0.0)
-        return cls(ChannelCore(seg), backend)
+        return cls(ChannelCore(seg), backend, mode)
 
     @staticmethod
     def remove(name: str, *, backend: str = DEFAULT_BACKEND) -> None:
         """Remove channel ``name`` and its semaphores from the system.
 
-        Handles that are open keep working; new :meth:`open` calls fail. Raises
-        ChannelNotFound if there is no such channel.
+        On the posix and mmap backends, handles that are open keep working; on sysv
+        they raise ChannelNotFound (SysV semaphores die at once). New :meth:`open`
+        calls fail. Raises ChannelNotFound if there is no such channel.
         """
         get_backend(backend).remove(name)
 
     def unlink(self) -> None:
-        """Remove this channel's name (see :meth:`remove`); the handle stays usable."""
+        """Remove this channel's name (see :meth:`remove`)."""
         self.remove(self._name, backend=self._backend)
 
     @property
@@ -162,94 +208,200 @@ class Channel:
         return self._backend
 
     @property
+    def mode(self) -> str:
+        """This handle's rights: "r", "w" or "rw" (``send_eof`` drops the "w")."""
+        return self._mode
+
+    @property
     def capacity(self) -> int:
         """Ring size in bytes."""
         return self._core.seg.info.capacity
 
     @property
     def max_message(self) -> int:
-        """Largest payload, in bytes, that a send accepts."""
+        """Largest payload, in bytes, that :meth:`send_bytes` accepts."""
         return self._core.max_payload
 
     @property
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def aio(self) -> Any:
+        """This handle as an ``anyio.abc.ObjectStream`` (asyncio and trio)."""
+        from ._async import ChannelStream
+
+        return ChannelStream(self)
+
     # -- sending ----------------------------------------------------------------------
 
-    def send_bytes(self, data: Any, timeout: float | None = None) -> None:
-        """Send one message: any bytes-like object (bytes, bytearray, memoryview, array).
+    def send(self, obj: Any, timeout: float | None = None) -> None:
+        """Send one object (pickled here, protocol 5; any size).
 
-        Blocks while the ring is full, sleeping on a semaphore, for at most ``timeout``
-        seconds (None: no limit; 0: do not wait). The message is delivered once this
-        returns; if it raises, nothing was sent.
+        Blocks while the ring is full, for at most ``timeout`` seconds (None: no
+        limit; 0: do not wait). The message is delivered once this returns; if it
+        raises, nothing was sent.
 
         Raises:
             Full: no room before the deadline.
-            MessageTooLarge: larger than :attr:`max_message` (raised at once).
+            BrokenChannel: no handle with read rights is left.
             ClosedChannel: this handle was closed.
+            WrongMode: this handle has no write rights.
             CorruptChannel: the channel was found corrupt.
+            (and whatever pickling ``obj`` raises)
         """
-        self._send(data, check_timeout(timeout))
+        self._send(obj, check_timeout(timeout), raw=False)
+
+    def send_nowait(self, obj: Any) -> None:
+        """Send without waiting for room; raise :class:`Full` if there is none."""
+        self._send(obj, 0.0, raw=False)
+
+    def send_bytes(self, data: Any, timeout: float | None = None) -> None:
+        """Send one message of raw bytes: any bytes-like object (bytes, bytearray,
+        memoryview, array), of at most :attr:`max_message` bytes.
+
+        As :meth:`send`, plus MessageTooLarge (raised at once) for a larger message.
+        """
+        self._send(data, check_timeout(timeout), raw=True)
 
     def send_bytes_nowait(self, data: Any) -> None:
-        """Send without waiting for room; raise :class:`Full` if there is none."""
-        self._send(data, 0.0)
+        """Send bytes without waiting for room; raise :class:`Full` if there is none."""
+        self._send(data, 0.0, raw=True)
 
-    def _send(self, data: Any, timeout: float | None) -> None:
+    def _writable(self) -> None:
         if self._closed:
             raise ClosedChannel(f"channel handle {self._name!r} is closed")
-        view = as_byte_view(data)
-        if view.nbytes > self._core.max_payload:
-            raise MessageTooLarge(
-                f"message of {view.nbytes} bytes exceeds this channel's max_message "
-                f"({self._core.max_payload} bytes)"
-            )
-        if not self._core.send(view, L.RT_BYTES, deadline_after(timeout)):
+        if "w" not in self._mode:
+            raise WrongMode(f"channel handle {self._name!r} has mode {self._mode!r}: it cannot send")
+
+    def _send(self, data: Any, timeout: float | None, raw: bool) -> None:
+        self._writable()
+        if raw:
+            view = as_byte_view(data)
+            if view.nbytes > self._core.max_payload:
+                raise MessageTooLarge(
+                    f"message of {view.nbytes} bytes exceeds this channel's max_message "
+                    f"({self._core.max_payload} bytes)"
+                )
+            data = view
+        if self._broken():
+            raise BrokenChannel(f"channel {self._name!r}: every reader is gone")
+        deadline = deadline_after(timeout)
+        if not _objects.send(self._core, self._impl, self._name, data, deadline, raw, self._broken_waiting):
             raise Full(f"channel {self._name!r} stayed full for {timeout:g} s")
+
+    def _broken(self) -> bool:
+        """Cheap check before a send. While the header counts open readers, ask the
+        kernel at most every BROKEN_RECHECK seconds (for readers that died); once
+        the count is 0 (every counted reader closed), ask it on every send (a
+        forked child may still hold an inherited reader handle)."""
+        ring = self._core.ring
+        if "r" in self._mode or not ring.role_seen(READER):
+            return False
+        if ring.role_open(READER) > 0:
+            now = time.monotonic()
+            if now - self._broken_checked < BROKEN_RECHECK:
+                return False
+            self._broken_checked = now
+        return self._core.readers_gone()
+
+    def _broken_waiting(self) -> bool:
+        return "r" not in self._mode and self._core.readers_gone()
+
+    def send_eof(self) -> None:
+        """Give up this handle's write rights: once no handle anywhere has them,
+        receivers get EndOfChannel after draining. The handle may still receive."""
+        if self._closed or "w" not in self._mode:
+            return
+        self._mode = self._mode.replace("w", "")
+        self._core.leave_role(WRITER)
 
     # -- receiving ----------------------------------------------------------------------
 
-    def recv_bytes(self, timeout: float | None = None) -> bytes:
-        """Receive the oldest message as ``bytes``.
+    def recv(self, timeout: float | None = None) -> Any:
+        """Receive the oldest message, as the object that was sent.
 
         Blocks while the channel is empty, sleeping on a semaphore, for at most
         ``timeout`` seconds (None: no limit; 0: do not wait). If it raises Empty or
-        is interrupted (Ctrl-C), nothing was consumed.
+        is interrupted (Ctrl-C), nothing was consumed. A message sent with
+        :meth:`send_bytes` (or by a non-Python peer) arrives as ``bytes``.
 
         Raises:
             Empty: nothing arrived before the deadline.
+            EndOfChannel: every writer is gone and nothing is left.
             ClosedChannel: this handle was closed.
-            UndecodableMessage: the message is not a byte message (it is consumed).
+            WrongMode: this handle has no read rights.
             CorruptChannel: the channel was found corrupt.
+            (and whatever unpickling the message raises; it is consumed)
         """
-        return self._recv(check_timeout(timeout))
+        return self._recv(check_timeout(timeout), raw=False)
+
+    def recv_nowait(self) -> Any:
+        """Receive without waiting; raise :class:`Empty` if nothing is there."""
+        return self._recv(0.0, raw=False)
+
+    def recv_bytes(self, timeout: float | None = None) -> bytes:
+        """Receive the oldest message, which must be raw bytes, as ``bytes``.
+
+        As :meth:`recv`; a message that is not raw bytes raises UndecodableMessage
+        (and is consumed).
+        """
+        data: bytes = self._recv(check_timeout(timeout), raw=True)
+        return data
 
     def recv_bytes_nowait(self) -> bytes:
-        """Receive without waiting; raise :class:`Empty` if nothing is there."""
-        return self._recv(0.0)
+        """Receive bytes without waiting; raise :class:`Empty` if nothing is there."""
+        data: bytes = self._recv(0.0, raw=True)
+        return data
 
-    def _recv(self, timeout: float | None) -> bytes:
+    def _readable(self) -> Callable[[], bool] | None:
+        """Check the handle may receive; return its end-of-stream test."""
         if self._closed:
             raise ClosedChannel(f"channel handle {self._name!r} is closed")
-        got = self._core.recv(deadline_after(timeout))
-        if got is None:
+        if "r" not in self._mode:
+            raise WrongMode(f"channel handle {self._name!r} has mode {self._mode!r}: it cannot receive")
+        return None if "w" in self._mode else self._core.writers_gone
+
+    def _recv(self, timeout: float | None, raw: bool) -> Any:
+        eof = self._readable()
+        item = _objects.receive(self._core, self._impl, self._name, deadline_after(timeout), eof, raw)
+        if item is _objects.NOTHING:
             raise Empty(f"channel {self._name!r} stayed empty for {timeout:g} s")
-        rtype, payload = got
-        if rtype != L.RT_BYTES:
-            raise UndecodableMessage(
-                f"record of type {rtype} is not a byte message",
-                record_type=rtype,
-                payload=bytes(payload),
-            )
-        return payload  # type: ignore[return-value] # BYTES records are read as bytes
+        return item
+
+    def _recv_or_nothing(self) -> Any:
+        """One non-blocking receive for select(): the item or _objects.NOTHING."""
+        eof = self._readable()
+        return _objects.receive(self._core, self._impl, self._name, deadline_after(0.0), eof)
+
+    def __iter__(self) -> Iterator[Any]:
+        """Receive messages until end of stream."""
+        while True:
+            try:
+                yield self.recv()
+            except EndOfChannel:
+                return
 
     # -- lifecycle ----------------------------------------------------------------------
 
     def close(self) -> None:
-        """Detach this handle (idempotent). The channel itself stays; see :meth:`unlink`."""
-        if not self._closed:
-            self._closed = True
+        """Detach this handle (idempotent). The channel itself stays; see :meth:`unlink`.
+
+        If this was the last handle with write rights, receivers see end of stream
+        once they have drained the channel; if the last with read rights, senders
+        get BrokenChannel.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            # Best effort: on a removed sysv channel the presence semaphores are gone,
+            # and closing must still succeed (there is nobody left to tell).
+            with contextlib.suppress(ShmchanError, OSError):
+                self._core.leave_role(WRITER)
+            with contextlib.suppress(ShmchanError, OSError):
+                self._core.leave_role(READER)
+        finally:
             self._core.close()
 
     def __enter__(self) -> Self:
@@ -266,10 +418,10 @@ class Channel:
     def __reduce__(self) -> tuple[Any, ...]:
         if self._closed:
             raise ClosedChannel(f"cannot pickle closed channel handle {self._name!r}")
-        return (_reopen, (self._name, self._backend))
+        return (_reopen, (self._name, self._backend, self._mode or "r"))
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"capacity={self.capacity}"
+        state = "closed" if self._closed else f"mode={self._mode!r} capacity={self.capacity}"
         return f"<shmchan.Channel {self._name!r} backend={self._backend!r} {state}>"
 
     def __del__(self) -> None:
@@ -279,8 +431,13 @@ class Channel:
                 self.close()
 
 
-def _reopen(name: str, backend: str) -> Channel:
-    return Channel.open(name, backend=backend)
+def _check_mode(mode: str) -> None:
+    if mode not in ("r", "w", "rw"):
+        raise ValueError(f"mode must be 'r', 'w' or 'rw', not {mode!r}")
+
+
+def _reopen(name: str, backend: str, mode: str = "rw") -> Channel:
+    return Channel.open(name, backend=backend, mode=mode)
 
 
 def default_name() -> str:

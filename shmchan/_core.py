@@ -15,16 +15,17 @@ while the semaphore's value is 0, so values stay bounded by the number of poster
 
 from __future__ import annotations
 
+import enum
 import functools
 import os
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Any, Final
 
 from . import _layout as L
-from ._backends._base import Mutex, Segment, Wakeup
-from ._errors import CorruptChannel
+from ._backends._base import READER, WRITER, Mutex, Segment, Wakeup
+from ._errors import BrokenChannel, CorruptChannel, EndOfChannel
 from ._fence import full_fence
 from ._ring import Ring
 
@@ -51,6 +52,14 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+class Waiter(enum.IntEnum):
+    """Who sleeps on which semaphore."""
+
+    PRODUCER = 0  # not-full, producers_waiting, write lock
+    CONSUMER = 1  # not-empty, consumers_waiting, read lock
+    JOINER = 2  # joined, joiners_waiting, read lock
+
+
 def _lock_deadline(deadline: float | None) -> float | None:
     if deadline is None:
         return None
@@ -65,6 +74,10 @@ class ChannelCore:
         self.ring = Ring(seg.buf, seg.info.capacity, seg.info.max_record, seg.info.max_items)
         self.max_payload = self.ring.max_payload
         self._spin_recv = self._spin_send = SPIN_START_NS if _CAN_SPIN else 0
+        self._roles: set[int] = set()
+        self._counted: set[int] = set()
+        self.async_gates: dict[tuple[Waiter, int], tuple[object, Any]] = {}
+        """The async face's per-event-loop gates (see shmchan._async)."""
         _live.add(self)
 
     # -- lifecycle ---------------------------------------------------------------
@@ -75,7 +88,75 @@ class ChannelCore:
         self.seg.close()
 
     def after_fork_in_child(self) -> None:
+        # The segment re-takes the child's presence (a new open file's OFD lock, or a
+        # new SEM_UNDO unit): that is what counts. The header counters stay the
+        # parent's: taking a lock here could deadlock (the parent may hold it across
+        # the fork), and the counters are only hints (see role_gone).
         self.seg.after_fork_in_child()
+        self._counted.clear()
+
+    # -- presence: who may still write or read (end of stream) ---------------------------
+
+    def enter_role(self, role: int) -> None:
+        """Count this handle as a writer (WRITER) or reader (READER) of the channel."""
+        if role in self._roles:
+            return
+        self.seg.presence.enter(role)
+        self._roles.add(role)
+        full_fence()
+        self.ring.mark_seen(role)
+        if self._count_role(role, +1):
+            self._counted.add(role)
+
+    def leave_role(self, role: int) -> None:
+        """Stop counting this handle in ``role`` and wake the other side, so that it
+        re-checks for end of stream (the last writer) or a broken channel (the last
+        reader)."""
+        if role not in self._roles:
+            return
+        self._roles.discard(role)
+        full_fence()  # everything this handle committed precedes its departure
+        if role in self._counted:
+            self._counted.discard(role)
+            self._count_role(role, -1)
+        self.seg.presence.leave(role)
+        full_fence()
+        if role == WRITER and self.ring.consumers_waiting():
+            _post_if_zero(self.seg.not_empty)
+        if role == READER and self.ring.producers_waiting():
+            _post_if_zero(self.seg.not_full)
+
+    def _count_role(self, role: int, delta: int) -> bool:
+        """Adjust the header's hint counter, if the lock can be had at once (a peer
+        stopped inside a critical section must not block an open or a close);
+        return whether it was adjusted."""
+        lock = self.seg.wlock if role == WRITER else self.seg.rlock
+        try:
+            if not lock.acquire(time.monotonic() + LOCK_GRACE):
+                return False
+            self.ring.add_role(role, delta)
+            return True
+        finally:
+            lock.release()
+
+    def role_gone(self, role: int) -> bool:
+        """Whether ``role`` had holders and none but this handle is left. The kernel's
+        presence decides (a holder that died counts as gone, a forked child's
+        inherited handle counts as present); this is a system call."""
+        if not self.ring.role_seen(role):
+            return False
+        return not self.seg.presence.others(role)
+
+    def writers_gone(self) -> bool:
+        """End of stream, seen from a handle without write rights."""
+        if WRITER in self._roles or not self.role_gone(WRITER):
+            return False
+        full_fence()  # the departures are seen before we look at the ring again
+        return True
+
+    def readers_gone(self) -> bool:
+        """Broken channel, seen from a handle without read rights."""
+        return READER not in self._roles and self.role_gone(READER)
 
     def _check_state(self) -> None:
         if self.ring.state() != L.STATE_NORMAL:
@@ -90,6 +171,7 @@ class ChannelCore:
         deadline: float | None,
         n: int = 0,
         parts: Sequence[tuple[int, memoryview]] = (),
+        broken: Callable[[], bool] | None = None,
     ) -> bool:
         """Append one record. Return False if ``deadline`` passed with no room.
 
@@ -119,6 +201,8 @@ class ChannelCore:
                         else ring.try_write_parts(n, rtype, parts)
                     ):
                         break
+                    if broken is not None and broken():
+                        raise BrokenChannel(f"channel {seg.name!r}: every reader is gone")
                     if deadline is not None and time.monotonic() >= deadline:
                         return False
                     if spin:  # poll below, without the lock, before registering
@@ -155,7 +239,9 @@ class ChannelCore:
 
     # -- receive --------------------------------------------------------------------
 
-    def recv(self, deadline: float | None) -> tuple[int, bytes | bytearray] | None:
+    def recv(
+        self, deadline: float | None, eof: Callable[[], bool] | None = None
+    ) -> tuple[int, bytes | bytearray] | None:
         """Remove the oldest record as ``(type, payload)``; None if ``deadline`` passed.
 
         Blocks while the ring is empty: after at most 100 µs of adaptive polling, it
@@ -178,6 +264,11 @@ class ChannelCore:
                     got = ring.try_read()
                     if got is not None:
                         break
+                    if eof is not None and eof():
+                        got = ring.try_read()  # anything committed before the last writer left
+                        if got is not None:
+                            break
+                        raise EndOfChannel(f"channel {seg.name!r}: every writer is gone")
                     if deadline is not None and time.monotonic() >= deadline:
                         return None
                     if not spin:  # (with spin left, poll below without the lock first)
@@ -217,6 +308,33 @@ class ChannelCore:
                 adjust(-1)
             finally:
                 lock.release()
+
+    # -- waiting from elsewhere (the async face) ---------------------------------------------
+
+    def wakeup_for(self, waiter: Waiter) -> Wakeup:
+        """The semaphore that wakes ``waiter``s: not-full, not-empty or joined."""
+        seg = self.seg
+        return (seg.not_full, seg.not_empty, seg.joined)[waiter]
+
+    def register(self, waiter: Waiter) -> None:
+        """Count one more sleeper of this kind (a process's async tasks register once,
+        together). The caller must try its operation again after this, before
+        sleeping on :meth:`wakeup_for` (docs/layout.md 8)."""
+        self._adjust_waiting(waiter, +1)
+        full_fence()  # Dekker: registration visible before the caller's re-check
+
+    def unregister(self, waiter: Waiter) -> None:
+        self._adjust_waiting(waiter, -1)
+
+    def _adjust_waiting(self, waiter: Waiter, delta: int) -> None:
+        ring = self.ring
+        lock = self.seg.wlock if waiter is Waiter.PRODUCER else self.seg.rlock
+        adjust = (ring.add_producers_waiting, ring.add_consumers_waiting, ring.add_joiners_waiting)[waiter]
+        try:
+            lock.acquire(None)
+            adjust(delta)
+        finally:
+            lock.release()
 
     # -- tasks (JoinableQueue) -------------------------------------------------------------
 

@@ -9,6 +9,9 @@ silently changes which ``except`` clause runs::
     ├── Full                  (+ queue.Full)         no room to send before the deadline
     ├── MessageTooLarge       (+ ValueError)         payload can never fit this ring
     ├── ClosedChannel         (+ ValueError)         this handle was closed by your code
+    ├── EndOfChannel          (+ EOFError)           every writer is gone and nothing is left
+    ├── BrokenChannel         (+ BrokenPipeError)    every reader is gone
+    ├── WrongMode             (+ io.UnsupportedOperation)  sending on "r", receiving on "w"
     ├── UndecodableMessage    (+ ValueError)         a record of a type this reader can't decode
     ├── LayoutError           (+ ValueError)         the segment is not a usable v1 ring
     │   ├── NotAShmchanSegment                       wrong magic: foreign or squatted name
@@ -24,15 +27,18 @@ silently changes which ``except`` clause runs::
 from __future__ import annotations
 
 import errno
+import io
 import queue
 
 __all__ = (
     "BackendUnavailable",
+    "BrokenChannel",
     "ChannelExists",
     "ChannelNotFound",
     "ClosedChannel",
     "CorruptChannel",
     "Empty",
+    "EndOfChannel",
     "Full",
     "IncompatibleLayout",
     "InitializationTimeout",
@@ -42,6 +48,7 @@ __all__ = (
     "NotAShmchanSegment",
     "ShmchanError",
     "UndecodableMessage",
+    "WrongMode",
 )
 
 
@@ -77,6 +84,31 @@ class ClosedChannel(ShmchanError, ValueError):
     It says nothing about other processes: the channel itself may still be in use.
     It is a :class:`ValueError`, as for a closed ``multiprocessing.Queue``.
     """
+
+
+class EndOfChannel(ShmchanError, EOFError):
+    """Raised by a receive once no handle with write rights remains open anywhere and
+    everything sent has been received (a pipe's end of file). Iteration just stops.
+
+    A writer process that died without closing counts as closed (within about
+    :data:`shmchan._core.WAIT_SLICE`). Until a first writer has opened the channel,
+    receivers wait instead.
+    """
+
+
+class BrokenChannel(ShmchanError, BrokenPipeError):
+    """Raised by a send once no handle with read rights remains open anywhere (a
+    pipe's EPIPE): nobody could ever receive it. Nothing was written.
+
+    It is about *other* handles; a handle closed by your own code raises
+    :class:`ClosedChannel` instead.
+    """
+
+
+class WrongMode(ShmchanError, io.UnsupportedOperation):
+    """Raised when a handle is used for what its mode does not allow: sending on a
+    handle opened with mode "r" (or after ``send_eof``), receiving on mode "w". Like
+    a file opened read-only, it is an :class:`io.UnsupportedOperation`."""
 
 
 class UndecodableMessage(ShmchanError, ValueError):

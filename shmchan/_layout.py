@@ -125,6 +125,8 @@ def _fields() -> tuple[Field, ...]:
     add("semid_nf", 4, "i32")
     add("max_items", 8, "u64")
     add("semid_jn", 4, "i32")
+    add("semid_wp", 4, "i32")
+    add("semid_rp", 4, "i32")
     off = 120
     add("header_crc", 4, "u32")
     off = 128
@@ -149,6 +151,11 @@ def _fields() -> tuple[Field, ...]:
     off = 768
     # Block G, the lifetime service of an unnamed queue (Python's reaper).
     add("owner", OWNER_SIZE, "char")
+    # Block H, presence of handles with write and read rights (end of stream).
+    add("writers_open", 4, "u32")
+    add("writers_seen", 4, "u32")
+    add("readers_open", 4, "u32")
+    add("readers_seen", 4, "u32")
     return tuple(out)
 
 
@@ -181,13 +188,21 @@ I_STATE: Final = OFF_STATE // 4
 # are the first byte of each side's block. Locks are advisory: they never touch memory.
 OFD_WRITE_LOCK_BYTE: Final = OFF_TAIL
 OFD_READ_LOCK_BYTE: Final = OFF_HEAD
+# Presence (lock_kind 1): every handle with write (read) rights holds a *shared* OFD
+# lock on this byte for as long as it has them.
+OFD_WRITERS_BYTE: Final = OFF["writers_open"]
+OFD_READERS_BYTE: Final = OFF["readers_open"]
+I_WRITERS_OPEN: Final = OFF["writers_open"] // 4
+I_WRITERS_SEEN: Final = OFF["writers_seen"] // 4
+I_READERS_OPEN: Final = OFF["readers_open"] // 4
+I_READERS_SEEN: Final = OFF["readers_seen"] // 4
 
 CRC_START: Final = 8
 CRC_END: Final = OFF["header_crc"]
 """``header_crc`` is CRC-32 (IEEE, as zlib.crc32) of header bytes [8, 120)."""
 
-_IDENTITY = struct.Struct("<QHHIQIHHIIQHHIQiiiiQi")
-assert _IDENTITY.size == OFF["semid_jn"] + 4
+_IDENTITY = struct.Struct("<QHHIQIHHIIQHHIQiiiiQiii")
+assert _IDENTITY.size == OFF["semid_rp"] + 4
 
 
 class HeaderInfo(NamedTuple):
@@ -206,6 +221,8 @@ class HeaderInfo(NamedTuple):
     semid_nf: int = -1
     max_items: int = 0
     semid_jn: int = -1
+    semid_wp: int = -1
+    semid_rp: int = -1
     layout_major: int = LAYOUT_MAJOR
     layout_minor: int = LAYOUT_MINOR
     header_size: int = HEADER_SIZE
@@ -279,6 +296,8 @@ def write_identity(buf: memoryview, info: HeaderInfo) -> None:
         info.semid_nf,
         info.max_items,
         info.semid_jn,
+        info.semid_wp,
+        info.semid_rp,
     )
     struct.pack_into("<I", buf, CRC_END, header_crc(buf))
 
@@ -307,6 +326,8 @@ def read_identity(buf: memoryview) -> tuple[int, HeaderInfo, int]:
         s_nf,
         max_items,
         s_jn,
+        s_wp,
+        s_rp,
     ) = _IDENTITY.unpack_from(buf, 0)
     info = HeaderInfo(
         capacity=capacity,
@@ -322,6 +343,8 @@ def read_identity(buf: memoryview) -> tuple[int, HeaderInfo, int]:
         semid_nf=s_nf,
         max_items=max_items,
         semid_jn=s_jn,
+        semid_wp=s_wp,
+        semid_rp=s_rp,
         layout_major=major,
         layout_minor=minor,
         header_size=header_size,

@@ -36,14 +36,12 @@ import os
 import secrets
 from typing import Any, Final, Generic, TypeVar
 
-from . import _layout as L
-from . import _lifetime
+from . import _lifetime, _objects
 from ._backends import DEFAULT_BACKEND, get_backend
 from ._backends._base import DEFAULT_OPEN_TIMEOUT, Backend, read_owner
 from ._channel import check_timeout, geometry
-from ._codec import UnknownRecordType, decode, encode, write_into
 from ._core import ChannelCore
-from ._errors import ChannelNotFound, ClosedChannel, Empty, Full, UndecodableMessage
+from ._errors import ChannelNotFound, ClosedChannel, Empty, Full
 from ._fence import deadline_after
 
 __all__ = ("DEFAULT_QUEUE_CAPACITY", "JoinableQueue", "Queue", "SimpleQueue")
@@ -147,52 +145,40 @@ class _QueueCore(Generic[T]):
         if self._closed:
             raise self._closed_error()
         deadline = deadline_after(check_timeout(timeout)) if block else deadline_after(0.0)
-        enc = encode(obj)
-        core = self._core
-        if enc.n <= core.max_payload:
-            if core.send(enc.payload, enc.rtype, deadline, enc.n, enc.parts):
-                return
-            raise Full
-        self._put_large(enc, deadline)
-
-    def _put_large(self, enc: Any, deadline: float | None) -> None:
-        """A message the ring can never hold: write it to a side segment and queue a
-        reference to it (docs/layout.md 2.5)."""
-        core = self._core
-        seq = core.reserve_large_seq()
-        view, close = self._impl.create_side(self._name, seq, enc.n, core.seg.permissions)
-        try:
-            write_into(enc, view)
-        except BaseException:
-            close()
-            self._impl.remove_side(self._name, seq)
-            raise
-        close()
-        ref = L.LARGE_REF.pack(seq, enc.n, enc.rtype, 0, 0)
-        try:
-            sent = core.send(memoryview(ref), L.RT_LARGE, deadline)
-        except BaseException:
-            self._impl.remove_side(self._name, seq)
-            raise
-        if not sent:
-            self._impl.remove_side(self._name, seq)
+        if not _objects.send(self._core, self._impl, self._name, obj, deadline):
             raise Full
 
     def _get(self, block: bool, timeout: float | None) -> Any:
         if self._closed:
             raise self._closed_error()
         deadline = deadline_after(check_timeout(timeout)) if block else deadline_after(0.0)
-        got = self._core.recv(deadline)
-        if got is None:
+        item = _objects.receive(self._core, self._impl, self._name, deadline)
+        if item is _objects.NOTHING:
             raise Empty
-        rtype, payload = got
-        try:
-            return decode(rtype, payload, self._open_side)
-        except UnknownRecordType as exc:
-            raise UndecodableMessage(str(exc), record_type=exc.rtype, payload=bytes(payload)) from None
+        return item
 
-    def _open_side(self, seq: int) -> memoryview:
-        return self._impl.open_side(self._name, seq)
+    def _get_or_nothing(self) -> Any:
+        """One non-blocking get for select(): the item or _objects.NOTHING."""
+        if self._closed:
+            raise self._closed_error()
+        return _objects.receive(self._core, self._impl, self._name, deadline_after(0.0))
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def async_q(self) -> Any:
+        """This queue as an ``asyncio.Queue``-shaped object for asyncio or trio code
+        (``await put``, ``await get``, ``put_nowait``, ``get_nowait``, ``qsize``,
+        ``empty``, ``full``, and ``task_done`` / ``await join`` on a JoinableQueue),
+        usable while other processes use the queue synchronously."""
+        from ._async import AsyncQueue
+
+        view = self.__dict__.get("_async_view")
+        if view is None:
+            view = self.__dict__["_async_view"] = AsyncQueue(self)
+        return view
 
     def _qsize(self) -> int:
         if self._closed:

@@ -117,6 +117,28 @@ class Ring:
         """Adjust the counter. Joiners write it under the read lock."""
         self._i[L.I_JOINERS_WAITING] = (self._i[L.I_JOINERS_WAITING] + delta) & _MASK32
 
+    _OPEN = (L.I_WRITERS_OPEN, L.I_READERS_OPEN)
+    _SEEN = (L.I_WRITERS_SEEN, L.I_READERS_SEEN)
+
+    def role_open(self, role: int) -> int:
+        """Handles that opened with ``role`` (0 writer, 1 reader) and closed cleanly
+        not yet: a hint, too high if some holder died (presence is the truth)."""
+        return self._i[self._OPEN[role]]
+
+    def role_seen(self, role: int) -> bool:
+        return self._i[self._SEEN[role]] != 0
+
+    def add_role(self, role: int, delta: int) -> None:
+        """Adjust the ``role`` counter; writers under the write lock, readers under
+        the read lock."""
+        i = self._i
+        i[self._OPEN[role]] = max(0, i[self._OPEN[role]] + delta)
+
+    def mark_seen(self, role: int) -> None:
+        """Record that ``role`` has had a holder (a store of 1 that is never undone,
+        so it needs no lock)."""
+        self._i[self._SEEN[role]] = 1
+
     def reserve_large_seq(self) -> int:
         """Take the next side-segment sequence number. Caller holds the write lock."""
         seq = self._q[L.Q_LARGE_SEQ]

@@ -130,9 +130,11 @@ def test_golden_header() -> None:
         "ffffffff"  # semids (-1)
         "0000000000000000"  # max_items (0: no item limit)
         "ffffffff"  # semid_jn (-1)
+        "ffffffff"  # semid_wp (-1)
+        "ffffffff"  # semid_rp (-1)
     )
-    assert bytes(buf[:92]) == expected
-    assert bytes(buf[92:120]) == bytes(28)
+    assert bytes(buf[:100]) == expected
+    assert bytes(buf[100:120]) == bytes(20)
     crc = int.from_bytes(buf[120:124], "little")
     assert crc == zlib.crc32(bytes(buf[8:120]))
     assert bytes(buf[124:]) == bytes(L.HEADER_SIZE - 124)

@@ -59,6 +59,28 @@ class Mutex(Protocol):
         """Forget any holding inherited from the parent (called in a forked child)."""
 
 
+WRITER = 0
+READER = 1
+
+
+class Presence(Protocol):
+    """Which handles hold write or read rights, as the kernel sees it: a holder that
+    dies stops counting at once (docs/layout.md, "Presence and end of stream")."""
+
+    def enter(self, role: int) -> None:
+        """Count this handle as a holder of ``role`` (WRITER or READER)."""
+
+    def leave(self, role: int) -> None:
+        """Stop counting this handle as a holder of ``role``."""
+
+    def others(self, role: int) -> bool:
+        """Whether a handle other than this one holds ``role`` now (a system call)."""
+
+    def after_fork_in_child(self) -> None:
+        """Count the child's inherited handle again (the parent's count stays the
+        parent's)."""
+
+
 class Wakeup(Protocol):
     """A process-shared counting semaphore used only to wake sleepers."""
 
@@ -93,6 +115,7 @@ class Segment:
     not_empty: Wakeup
     not_full: Wakeup
     joined: Wakeup
+    presence: Presence
     permissions: int
     closers: list[Callable[[], None]] = field(default_factory=list)
     fork_hooks: list[Callable[[], None]] = field(default_factory=list)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -158,62 +159,148 @@ _sem_clockwait = getattr(_libc, "sem_clockwait", None)
 if _sem_clockwait is not None:
     _sem_clockwait.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_Timespec))
     _sem_clockwait.restype = ctypes.c_int
+_sem_post = _libc.sem_post
+_sem_post.argtypes = (ctypes.c_void_p,)
+_sem_post.restype = ctypes.c_int
+_sem_getvalue = _libc.sem_getvalue
+_sem_getvalue.argtypes = (ctypes.c_void_p, ctypes.POINTER(ctypes.c_int))
+_sem_getvalue.restype = ctypes.c_int
 _sem_timedwait = _libc.sem_timedwait
 _sem_timedwait.argtypes = (ctypes.c_void_p, ctypes.POINTER(_Timespec))
 _sem_timedwait.restype = ctypes.c_int
 
 
+class OfdPresence:
+    """Presence (lock_kind 1): a shared OFD lock on the role's byte while held; another
+    holder exists iff a write lock on that byte would conflict (F_OFD_GETLK ignores
+    this open file's own locks)."""
+
+    _BYTES = (L.OFD_WRITERS_BYTE, L.OFD_READERS_BYTE)
+
+    def __init__(self, handle: FileHandle) -> None:
+        self._handle = handle
+        self._held: set[int] = set()
+
+    def _lock(self, role: int, kind: int, op: int) -> bytes:
+        arg = _FLOCK.pack(kind, os.SEEK_SET, self._BYTES[role], 1, 0)
+        result: bytes = fcntl.fcntl(self._handle.fd, op, arg)
+        return result
+
+    def enter(self, role: int) -> None:
+        self._lock(role, fcntl.F_RDLCK, fcntl.F_OFD_SETLK)  # shared: never conflicts
+        self._held.add(role)
+
+    def leave(self, role: int) -> None:
+        self._held.discard(role)
+        self._lock(role, fcntl.F_UNLCK, fcntl.F_OFD_SETLK)
+
+    def others(self, role: int) -> bool:
+        found = _FLOCK.unpack(self._lock(role, fcntl.F_WRLCK, fcntl.F_OFD_GETLK))
+        return bool(found[0] != fcntl.F_UNLCK)
+
+    def after_fork_in_child(self) -> None:
+        for role in self._held:  # the descriptor was reopened: a new open file
+            self._lock(role, fcntl.F_RDLCK, fcntl.F_OFD_SETLK)
+
+
 class PosixSemWakeup:
     """A POSIX named semaphore used as a wakeup counter.
 
-    posix_ipc creates, posts, reads and unlinks it. Waits go to libc directly
-    (``sem_clockwait`` on CLOCK_MONOTONIC) because posix_ipc's ``acquire`` discards
-    any exception a Python signal handler raises during the wait (all but
-    KeyboardInterrupt); through ctypes the handler runs, and its exception
-    propagates, as soon as the interrupted wait returns.
+    posix_ipc creates and unlinks it; everything else goes to libc directly, through
+    ctypes, on this process's own ``sem_open`` handle:
+
+    * waits use ``sem_clockwait`` on CLOCK_MONOTONIC, because posix_ipc's ``acquire``
+      discards any exception a Python signal handler raises during the wait (all but
+      KeyboardInterrupt); this way the handler's exception propagates as soon as the
+      interrupted wait returns;
+    * ``close()`` is deferred while another thread is inside an operation: unmapping
+      a ``sem_t`` under a sleeping thread would crash the process.
     """
 
     def __init__(self, sem: posix_ipc.Semaphore) -> None:
-        self._sem = sem
         # glibc hands back the same mapping posix_ipc already has (refcounted).
-        self._handle = _sem_open(sem.name.encode(), 0)
-        if not self._handle:
+        handle = _sem_open(sem.name.encode(), 0)
+        if not handle:
             err = ctypes.get_errno()
             raise OSError(err, f"sem_open({sem.name!r}): {os.strerror(err)}")
+        self._name = sem.name
+        self._sem = sem
+        self._handle: int | None = handle
+        self._busy = 0
+        self._closing = False
+        self._lock = threading.Lock()
+
+    def _enter(self) -> int | None:
+        with self._lock:
+            if self._handle is None or self._closing:
+                return None
+            self._busy += 1
+            return self._handle
+
+    def _exit(self) -> None:
+        with self._lock:
+            self._busy -= 1
+            if self._closing and not self._busy:
+                self._release()
 
     def post(self) -> None:
-        self._sem.release()
+        handle = self._enter()
+        if handle is None:
+            return
+        try:
+            _sem_post(handle)
+        finally:
+            self._exit()
 
     def value(self) -> int:
-        return int(self._sem.value)
+        handle = self._enter()
+        if handle is None:
+            return 0
+        try:
+            out = ctypes.c_int()
+            _sem_getvalue(handle, ctypes.byref(out))
+            return out.value
+        finally:
+            self._exit()
 
     def wait(self, timeout: float) -> bool:
-        if _sem_clockwait is not None:
-            clock, now = time.CLOCK_MONOTONIC, time.clock_gettime(time.CLOCK_MONOTONIC)
-        else:  # pragma: no cover - glibc < 2.30
-            clock, now = time.CLOCK_REALTIME, time.time()
-        at = now + timeout
-        whole = int(at)
-        ts = _Timespec(whole, int((at - whole) * 1e9))
-        if _sem_clockwait is not None:
-            rc = _sem_clockwait(self._handle, clock, ctypes.byref(ts))
-        else:  # pragma: no cover
-            rc = _sem_timedwait(self._handle, ctypes.byref(ts))
-        if rc == 0:
-            return True
-        err = ctypes.get_errno()
+        handle = self._enter()
+        if handle is None:
+            return False
+        try:
+            if _sem_clockwait is not None:
+                clock, now = time.CLOCK_MONOTONIC, time.clock_gettime(time.CLOCK_MONOTONIC)
+            else:  # pragma: no cover - glibc < 2.30
+                clock, now = time.CLOCK_REALTIME, time.time()
+            at = now + timeout
+            whole = int(at)
+            ts = _Timespec(whole, int((at - whole) * 1e9))
+            if _sem_clockwait is not None:
+                rc = _sem_clockwait(handle, clock, ctypes.byref(ts))
+            else:  # pragma: no cover
+                rc = _sem_timedwait(handle, ctypes.byref(ts))
+            if rc == 0:
+                return True
+            err = ctypes.get_errno()
+        finally:
+            self._exit()
         if err in (errno.ETIMEDOUT, errno.EINTR, errno.EAGAIN):
             return False
-        raise OSError(err, f"waiting on {self._sem.name!r}: {os.strerror(err)}")
+        raise OSError(err, f"waiting on {self._name!r}: {os.strerror(err)}")
 
     def close(self) -> None:
-        if self._handle:
+        with self._lock:
+            self._closing = True
+            if not self._busy:
+                self._release()
+
+    def _release(self) -> None:
+        # Called with the lock held, once no thread is inside an operation.
+        if self._handle is not None:
             _sem_close(self._handle)
             self._handle = None
-        try:
-            self._sem.close()
-        except posix_ipc.Error:
-            pass
+            with contextlib.suppress(posix_ipc.Error):
+                self._sem.close()
 
 
 def _sem_path(sem_name: str) -> str:
@@ -385,10 +472,11 @@ def _segment(
         not_empty=PosixSemWakeup(sems[0]),
         not_full=PosixSemWakeup(sems[1]),
         joined=PosixSemWakeup(sems[2]),
+        presence=OfdPresence(handle),
         permissions=permissions,
     )
     seg.closers += [close_map, handle.close]
-    seg.fork_hooks.append(handle.reopen)
+    seg.fork_hooks += [handle.reopen, seg.presence.after_fork_in_child]
     return seg
 
 

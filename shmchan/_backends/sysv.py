@@ -38,7 +38,7 @@ TIMEOUTS_FROM_SYSV_IPC: Final = bool(sysv_ipc.SEMAPHORE_TIMEOUT_SUPPORTED)
 """Whether this sysv_ipc build does timed waits itself (else libc semtimedop is used)."""
 
 _SEM_UNDO: Final = 0x1000  # <sys/sem.h> on Linux
-_ROLES: Final = ("shm", "wlock", "rlock", "ne", "nf", "jn")
+_ROLES: Final = ("shm", "wlock", "rlock", "ne", "nf", "jn", "wp", "rp")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -54,6 +54,9 @@ class _Timespec(ctypes.Structure):
 _semtimedop = _libc.semtimedop
 _semtimedop.argtypes = (ctypes.c_int, ctypes.POINTER(_Sembuf), ctypes.c_size_t, ctypes.POINTER(_Timespec))
 _semtimedop.restype = ctypes.c_int
+
+
+_ROLES_INITIAL: Final = (("wlock", 1), ("rlock", 1), ("ne", 0), ("nf", 0), ("jn", 0), ("wp", 0), ("rp", 0))
 
 
 def sysv_key(name: str, role: str) -> int:
@@ -161,6 +164,44 @@ class SysVMutex:
         self._held = False
 
 
+class SysVPresence:
+    """Presence (lock_kind 2): a SysV semaphore per role counts its holders, each
+    counted with SEM_UNDO, so the kernel uncounts a holder that dies."""
+
+    def __init__(self, writers: sysv_ipc.Semaphore, readers: sysv_ipc.Semaphore) -> None:
+        self._sems = (writers, readers)
+        for sem in self._sems:
+            sem.undo = True
+            sem.block = True
+        self._held: set[int] = set()
+
+    def enter(self, role: int) -> None:
+        try:
+            self._sems[role].release()
+        except sysv_ipc.ExistentialError as exc:
+            raise _removed(exc) from exc
+        self._held.add(role)
+
+    def leave(self, role: int) -> None:
+        if role in self._held:
+            self._held.discard(role)
+            try:
+                self._sems[role].acquire()  # never blocks: our own unit is in it
+            except sysv_ipc.ExistentialError as exc:
+                raise _removed(exc) from exc
+
+    def others(self, role: int) -> bool:
+        try:
+            value = int(self._sems[role].value)
+        except sysv_ipc.ExistentialError as exc:
+            raise _removed(exc) from exc
+        return value - (role in self._held) > 0
+
+    def after_fork_in_child(self) -> None:
+        for role in self._held:  # SEM_UNDO adjustments are not inherited: count anew
+            self._sems[role].release()
+
+
 class SysVWakeup:
     """A SysV semaphore used as a wakeup counter (no SEM_UNDO)."""
 
@@ -223,7 +264,7 @@ class SysVBackend:
                 raise ChannelExists(f"channel {name!r} already exists (sysv)") from exc
             except (sysv_ipc.Error, OSError, ValueError, MemoryError) as exc:
                 raise NoSpace(f"cannot create a {total}-byte SysV segment: {exc}") from exc
-            for role, initial in (("wlock", 1), ("rlock", 1), ("ne", 0), ("nf", 0), ("jn", 0)):
+            for role, initial in _ROLES_INITIAL:
                 try:
                     made.append(
                         sysv_ipc.Semaphore(
@@ -250,6 +291,8 @@ class SysVBackend:
                     semid_ne=made[2].id,
                     semid_nf=made[3].id,
                     semid_jn=made[4].id,
+                    semid_wp=made[5].id,
+                    semid_rp=made[6].id,
                     max_items=max_items,
                 )
                 _base.publish(buf, info, owner)
@@ -281,7 +324,15 @@ class SysVBackend:
             sems = []
             for role, semid in zip(
                 _ROLES[1:],
-                (info.semid_wlock, info.semid_rlock, info.semid_ne, info.semid_nf, info.semid_jn),
+                (
+                    info.semid_wlock,
+                    info.semid_rlock,
+                    info.semid_ne,
+                    info.semid_nf,
+                    info.semid_jn,
+                    info.semid_wp,
+                    info.semid_rp,
+                ),
                 strict=True,
             ):
                 try:
@@ -306,7 +357,7 @@ class SysVBackend:
         sems: list[sysv_ipc.Semaphore],
         permissions: int,
     ) -> Segment:
-        for sem in sems[2:]:
+        for sem in sems[2:5]:
             sem.undo = False
             sem.block = True
 
@@ -327,9 +378,11 @@ class SysVBackend:
             not_empty=SysVWakeup(sems[2]),
             not_full=SysVWakeup(sems[3]),
             joined=SysVWakeup(sems[4]),
+            presence=SysVPresence(sems[5], sems[6]),
             permissions=permissions,
         )
         seg.closers.append(close_map)
+        seg.fork_hooks.append(seg.presence.after_fork_in_child)
         return seg
 
     def remove(self, name: str) -> None:

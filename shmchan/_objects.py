@@ -1,0 +1,136 @@
+"""Objects over a core: what queues and channels share, for both faces.
+
+A send is split so that the async face can retry without pickling again:
+:func:`prepare` encodes the object once (and, for a message the ring can never hold,
+writes it to a side segment, docs/layout.md 2.5); :func:`attempt` tries to queue it
+until a deadline (the async face passes "now" and waits between attempts); if the
+send is finally abandoned, :func:`discard` removes the side segment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from . import _layout as L
+from ._backends._base import Backend
+from ._codec import Encoded, UnknownRecordType, decode, encode, write_into
+from ._core import ChannelCore
+from ._errors import UndecodableMessage
+
+
+class Outgoing:
+    """A message ready to be queued: its record, and its side segment if any."""
+
+    __slots__ = ("enc", "side")
+
+    def __init__(self, enc: Encoded, side: int | None) -> None:
+        self.enc = enc
+        self.side = side
+
+
+def prepare(core: ChannelCore, impl: Backend, name: str, obj: Any, raw: bool = False) -> Outgoing:
+    """Encode ``obj`` (``raw``: a bytes-like object, sent as BYTES without pickling).
+
+    Raises whatever pickling raises; nothing has been sent then.
+    """
+    if raw:
+        view = memoryview(obj)
+        if not view.c_contiguous:
+            view = memoryview(view.tobytes())
+        elif view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        enc = Encoded(L.RT_BYTES, view.nbytes, view)
+    else:
+        enc = encode(obj)
+    if enc.n <= core.max_payload:
+        return Outgoing(enc, None)
+    seq = core.reserve_large_seq()
+    view, close = impl.create_side(name, seq, enc.n, core.seg.permissions)
+    try:
+        write_into(enc, view)
+    except BaseException:
+        close()
+        impl.remove_side(name, seq)
+        raise
+    close()
+    ref = memoryview(L.LARGE_REF.pack(seq, enc.n, enc.rtype, 0, 0))
+    return Outgoing(Encoded(L.RT_LARGE, ref.nbytes, ref), seq)
+
+
+def attempt(
+    core: ChannelCore,
+    out: Outgoing,
+    deadline: float | None,
+    broken: Callable[[], bool] | None = None,
+) -> bool:
+    """Queue a prepared message before ``deadline``; False if there was no room."""
+    enc = out.enc
+    return core.send(enc.payload, enc.rtype, deadline, enc.n, enc.parts, broken)
+
+
+def discard(impl: Backend, name: str, out: Outgoing) -> None:
+    """Drop a prepared message that will not be sent (its side segment, if any)."""
+    if out.side is not None:
+        impl.remove_side(name, out.side)
+
+
+def send(
+    core: ChannelCore,
+    impl: Backend,
+    name: str,
+    obj: Any,
+    deadline: float | None,
+    raw: bool = False,
+    broken: Callable[[], bool] | None = None,
+) -> bool:
+    """prepare + attempt + discard on failure: the whole blocking send."""
+    out = prepare(core, impl, name, obj, raw)
+    try:
+        sent = attempt(core, out, deadline, broken)
+    except BaseException:
+        discard(impl, name, out)
+        raise
+    if not sent:
+        discard(impl, name, out)
+    return sent
+
+
+NOTHING: Any = object()
+"""What :func:`receive` returns when the deadline passed with nothing to receive."""
+
+
+def receive(
+    core: ChannelCore,
+    impl: Backend,
+    name: str,
+    deadline: float | None,
+    eof: Callable[[], bool] | None = None,
+    raw: bool = False,
+) -> Any:
+    """Take the oldest record and decode it; :data:`NOTHING` if the deadline passed.
+
+    ``raw``: return the payload of a BYTES record (or of a side segment holding one)
+    as ``bytes``, and refuse anything else with UndecodableMessage (consumed).
+    """
+    got = core.recv(deadline, eof)
+    if got is None:
+        return NOTHING
+    rtype, payload = got
+
+    def open_side(seq: int) -> memoryview:
+        return impl.open_side(name, seq)
+
+    try:
+        if raw:
+            inner = rtype
+            if rtype == L.RT_LARGE:
+                inner = L.LARGE_REF.unpack_from(payload, 0)[2]
+            if inner != L.RT_BYTES:
+                raise UnknownRecordType(rtype, "not a byte message")
+        return decode(rtype, payload, open_side)
+    except UnknownRecordType as exc:
+        if rtype == L.RT_LARGE and len(payload) >= L.LARGE_REF.size:
+            # The consumer of a LARGE record owns its side segment, read or not.
+            impl.remove_side(name, L.LARGE_REF.unpack_from(payload, 0)[0])
+        raise UndecodableMessage(str(exc), record_type=exc.rtype, payload=bytes(payload)) from None

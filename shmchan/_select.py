@@ -1,0 +1,126 @@
+"""``select``: receive exactly one item from whichever of several sources has one.
+
+Like Go's ``select`` over receives: the sources are tried in turn (starting one
+further each round, so none starves), one item is consumed from the first that has
+one, and the others are left untouched. While none has anything, the caller is
+registered as a waiting consumer on every source and sleeps until any of them is
+posted: a helper thread per source sleeps on that source's semaphore for at
+most one wait slice, and gives back a wakeup it took after another source won (so
+the threads of one select call end within a wait slice of its return).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from . import _objects
+from ._core import WAIT_SLICE, ChannelCore, Waiter
+from ._errors import Empty, EndOfChannel
+from ._fence import deadline_after, remaining
+
+
+def check_sources(sources: Sequence[Any]) -> None:
+    from ._channel import Channel
+    from ._queue import _QueueCore
+
+    if not sources:
+        raise ValueError("select() needs at least one channel or queue")
+    for source in sources:
+        if not isinstance(source, (Channel, _QueueCore)):
+            raise TypeError(f"select() takes shmchan channels and queues, not {type(source).__name__}")
+
+
+def _try_one(source: Any) -> Any:
+    """One non-blocking receive: the item, or NOTHING; EndOfChannel at end of stream."""
+    from ._channel import Channel
+
+    if isinstance(source, Channel):
+        return source._recv_or_nothing()
+    return source._get_or_nothing()
+
+
+def try_each(sources: Sequence[Any], start: int) -> tuple[Any, Any] | None:
+    """Try every source once, beginning at ``start``; ``(source, item)`` or None.
+
+    Raises EndOfChannel when every source is a channel at end of stream.
+    """
+    ended = 0
+    n = len(sources)
+    for i in range(n):
+        source = sources[(start + i) % n]
+        try:
+            item = _try_one(source)
+        except EndOfChannel:
+            ended += 1
+            continue
+        if item is not _objects.NOTHING:
+            return source, item
+    if ended == n:
+        raise EndOfChannel("every channel given to select() is at end of stream")
+    return None
+
+
+def try_each_ready(cores: Sequence[ChannelCore]) -> bool:
+    """Whether any core has a record now (a racy peek, to re-check after registering)."""
+    return any(not core.ring.is_empty() for core in cores)
+
+
+def select(*sources: Any, timeout: float | None = None) -> tuple[Any, Any]:
+    """Receive one item from whichever of ``sources`` (Channels and Queues) has one.
+
+    Returns ``(source, item)``; exactly one item is consumed, from one source.
+    Blocks (sleeping) while none has anything, for at most ``timeout`` seconds, then
+    raises :class:`Empty`; ``timeout=0`` never blocks. A channel at end of stream is
+    skipped; once every source is a channel at end of stream, raises EndOfChannel.
+    """
+    from ._channel import check_timeout
+
+    check_sources(sources)
+    deadline = deadline_after(check_timeout(timeout))
+    start = 0
+    while True:
+        found = try_each(sources, start)
+        start += 1
+        if found is not None:
+            return found
+        left = remaining(deadline)
+        if left == 0:
+            raise Empty(f"no item arrived on any of {len(sources)} sources")
+        cores = [s._core for s in sources]
+        for core in cores:
+            core.register(Waiter.CONSUMER)
+        try:
+            if not try_each_ready(cores):  # re-check after registering (docs/layout.md 8)
+                _wait_any(cores, WAIT_SLICE if left is None else min(left, WAIT_SLICE))
+        finally:
+            for core in cores:
+                core.unregister(Waiter.CONSUMER)
+
+
+def _wait_any(cores: Sequence[ChannelCore], timeout: float) -> None:
+    wakeups = [core.seg.not_empty for core in cores]
+    if len(wakeups) == 1:
+        wakeups[0].wait(timeout)
+        return
+    fired = threading.Event()
+    lock = threading.Lock()
+
+    def sleep_on(index: int) -> None:
+        try:
+            got = wakeups[index].wait(timeout)
+        except Exception:  # noqa: BLE001 - removed or closed: the caller's retry will say so
+            got = False
+        with lock:
+            if got and fired.is_set():
+                wakeups[index].post()  # another source won: give this wakeup back
+            elif got:
+                fired.set()
+
+    helpers = [threading.Thread(target=sleep_on, args=(i,), daemon=True) for i in range(len(wakeups))]
+    for helper in helpers:
+        helper.start()
+    fired.wait(timeout)
+    with lock:
+        fired.set()  # helpers that wake from now on hand their wakeup back

@@ -302,14 +302,12 @@ async def aselect(*sources: Any) -> tuple[Any, Any]:
     Exactly one item is consumed; cancelling consumes none. Use a cancel scope for a
     timeout. Raises EndOfChannel once every source is a channel at end of stream.
     """
-    from ._select import check_sources, try_each
+    from ._select import check_sources, next_start, try_each
 
     check_sources(sources)
     await anyio.lowlevel.checkpoint_if_cancelled()
-    start = 0
     while True:
-        found = try_each(sources, start)
-        start += 1
+        found = try_each(sources, next_start())
         if found is not None:
             return found
         await _wait_any([s._core for s in sources])

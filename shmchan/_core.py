@@ -15,6 +15,7 @@ while the semaphore's value is 0, so values stay bounded by the number of poster
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import os
@@ -25,7 +26,7 @@ from typing import Any, Final
 
 from . import _layout as L
 from ._backends._base import READER, WRITER, Mutex, Segment, Wakeup
-from ._errors import BrokenChannel, CorruptChannel, EndOfChannel
+from ._errors import BrokenChannel, ClosedChannel, CorruptChannel, EndOfChannel, ShmchanError
 from ._fence import full_fence
 from ._ring import Ring
 
@@ -76,6 +77,7 @@ class ChannelCore:
         self._spin_recv = self._spin_send = SPIN_START_NS if _CAN_SPIN else 0
         self._roles: set[int] = set()
         self._counted: set[int] = set()
+        self.closing = False
         self.async_gates: dict[tuple[Waiter, int], tuple[object, Any]] = {}
         """The async face's per-event-loop gates (see shmchan._async)."""
         _live.add(self)
@@ -83,9 +85,31 @@ class ChannelCore:
     # -- lifecycle ---------------------------------------------------------------
 
     def close(self) -> None:
+        """Detach. Threads of this process inside an operation on this core finish
+        it with ClosedChannel (or its result, if it had already succeeded)."""
+        self.closing = True
         _live.discard(self)
+        seg = self.seg
+        seg.wlock.close()  # waits for in-flight critical sections of our threads
+        seg.rlock.close()
+        with contextlib.suppress(ValueError, OSError, ShmchanError):
+            ring = self.ring  # hurry our own sleepers (a stray post elsewhere is harmless)
+            if ring.consumers_waiting():
+                seg.not_empty.post()
+            if ring.producers_waiting():
+                seg.not_full.post()
+            if ring.joiners_waiting():
+                seg.joined.post()
         self.ring.release()
-        self.seg.close()
+        seg.close()
+
+    def _closed_error(self, exc: BaseException) -> BaseException:
+        """What an operation that raced with close() raises instead of ``exc``."""
+        if self.closing and not isinstance(exc, ClosedChannel):
+            err = ClosedChannel(f"channel handle {self.seg.name!r} was closed during the call")
+            err.__cause__ = exc
+            return err
+        return exc
 
     def after_fork_in_child(self) -> None:
         # The segment re-takes the child's presence (a new open file's OFD lock, or a
@@ -178,6 +202,28 @@ class ChannelCore:
         The payload is ``payload``, or (if it is None) ``n`` bytes gathered from
         ``parts`` (see :meth:`Ring.try_write_parts`). Blocks while the ring is full, or
         holds ``max_items`` records: after at most 100 µs of adaptive polling, it
+        sleeps on a semaphore. A KeyboardInterrupt leaves the ring unchanged and
+        unlocked. Raises BrokenChannel if ``broken()`` says so while it waits.
+        """
+        try:
+            return self._send(payload, rtype, deadline, n, parts, broken)
+        except (ValueError, OSError) as exc:  # released views, closed descriptors
+            raise self._closed_error(exc) from None
+
+    def _send(
+        self,
+        payload: memoryview | None,
+        rtype: int,
+        deadline: float | None,
+        n: int = 0,
+        parts: Sequence[tuple[int, memoryview]] = (),
+        broken: Callable[[], bool] | None = None,
+    ) -> bool:
+        """Append one record. Return False if ``deadline`` passed with no room.
+
+        The payload is ``payload``, or (if it is None) ``n`` bytes gathered from
+        ``parts`` (see :meth:`Ring.try_write_parts`). Blocks while the ring is full, or
+        holds ``max_items`` records: after at most 100 µs of adaptive polling, it
         sleeps on a semaphore. A KeyboardInterrupt
         leaves the ring unchanged and unlocked.
         """
@@ -246,6 +292,21 @@ class ChannelCore:
 
         Blocks while the ring is empty: after at most 100 µs of adaptive polling, it
         sleeps on a semaphore. A KeyboardInterrupt while waiting consumes nothing.
+        Raises EndOfChannel when ``eof()`` says every writer is gone and the ring is
+        drained.
+        """
+        try:
+            return self._recv(deadline, eof)
+        except (ValueError, OSError) as exc:
+            raise self._closed_error(exc) from None
+
+    def _recv(
+        self, deadline: float | None, eof: Callable[[], bool] | None = None
+    ) -> tuple[int, bytes | bytearray] | None:
+        """Remove the oldest record as ``(type, payload)``; None if ``deadline`` passed.
+
+        Blocks while the ring is empty: after at most 100 µs of adaptive polling, it
+        sleeps on a semaphore. A KeyboardInterrupt while waiting consumes nothing.
         """
         ring = self.ring
         seg = self.seg
@@ -301,13 +362,15 @@ class ChannelCore:
     @staticmethod
     def _deregister(lock: Mutex, adjust: Callable[[int], None]) -> None:
         # Best effort and bounded (a timed-out call must not overrun much): if the lock
-        # cannot be had within DEREGISTER_PATIENCE, because its holder is stopped, the
-        # counter stays one too high, which only costs peers an extra post.
-        if lock.acquire(time.monotonic() + DEREGISTER_PATIENCE):
-            try:
-                adjust(-1)
-            finally:
-                lock.release()
+        # cannot be had within DEREGISTER_PATIENCE, because its holder is stopped (or
+        # the handle was closed meanwhile), the counter stays one too high, which only
+        # costs peers an extra post.
+        with contextlib.suppress(ClosedChannel, ValueError, OSError):
+            if lock.acquire(time.monotonic() + DEREGISTER_PATIENCE):
+                try:
+                    adjust(-1)
+                finally:
+                    lock.release()
 
     # -- waiting from elsewhere (the async face) ---------------------------------------------
 
@@ -324,7 +387,8 @@ class ChannelCore:
         full_fence()  # Dekker: registration visible before the caller's re-check
 
     def unregister(self, waiter: Waiter) -> None:
-        self._adjust_waiting(waiter, -1)
+        with contextlib.suppress(ClosedChannel, ValueError, OSError):  # closed meanwhile
+            self._adjust_waiting(waiter, -1)
 
     def _adjust_waiting(self, waiter: Waiter, delta: int) -> None:
         ring = self.ring
@@ -357,6 +421,12 @@ class ChannelCore:
 
     def join(self, deadline: float | None) -> bool:
         """Wait until every record put so far was marked done; False on timeout."""
+        try:
+            return self._join(deadline)
+        except (ValueError, OSError) as exc:
+            raise self._closed_error(exc) from None
+
+    def _join(self, deadline: float | None) -> bool:
         ring = self.ring
         seg = self.seg
         lock = seg.rlock

@@ -1,7 +1,7 @@
 """``select``: receive exactly one item from whichever of several sources has one.
 
-Like Go's ``select`` over receives: the sources are tried in turn (starting one
-further each round, so none starves), one item is consumed from the first that has
+Like Go's ``select`` over receives: the sources are tried in turn (each call, and
+each retry, starting one source further than the last, so none starves), one item is consumed from the first that has
 one, and the others are left untouched. While none has anything, the caller is
 registered as a waiting consumer on every source and sleeps until any of them is
 posted: a helper thread per source sleeps on that source's semaphore for at
@@ -11,6 +11,7 @@ the threads of one select call end within a wait slice of its return).
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +20,14 @@ from . import _objects
 from ._core import WAIT_SLICE, ChannelCore, Waiter
 from ._errors import Empty, EndOfChannel
 from ._fence import deadline_after, remaining
+
+_turns = itertools.count()
+"""Where the next select starts trying sources: successive calls (and retries) begin
+one source further, so a source that always has items cannot starve the others."""
+
+
+def next_start() -> int:
+    return next(_turns)
 
 
 def check_sources(sources: Sequence[Any]) -> None:
@@ -79,10 +88,8 @@ def select(*sources: Any, timeout: float | None = None) -> tuple[Any, Any]:
 
     check_sources(sources)
     deadline = deadline_after(check_timeout(timeout))
-    start = 0
     while True:
-        found = try_each(sources, start)
-        start += 1
+        found = try_each(sources, next_start())
         if found is not None:
             return found
         left = remaining(deadline)

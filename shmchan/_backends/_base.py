@@ -58,6 +58,10 @@ class Mutex(Protocol):
     def after_fork_in_child(self) -> None:
         """Forget any holding inherited from the parent (called in a forked child)."""
 
+    def close(self) -> None:
+        """Wait for this process's threads to leave their critical sections, then make
+        every later ``acquire`` raise ClosedChannel (the handle is being closed)."""
+
 
 WRITER = 0
 READER = 1

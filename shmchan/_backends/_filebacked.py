@@ -32,6 +32,7 @@ if not posix_ipc.SEMAPHORE_TIMEOUT_SUPPORTED:  # pragma: no cover - not on Linux
     raise ImportError("this posix_ipc build has no timed semaphore waits (sem_timedwait)")
 from .._errors import (
     ChannelExists,
+    ClosedChannel,
     CorruptChannel,
     NoSpace,
     ShmchanError,
@@ -73,6 +74,11 @@ class OfdMutex:
         self._lock = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0)
         self._unlock = _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, byte, 1, 0)
         self._tlock = threading.RLock()
+        self._closed = False
+
+    def close(self) -> None:
+        with self._tlock:
+            self._closed = True
 
     def acquire(self, deadline: float | None) -> bool:
         tlock = self._tlock
@@ -80,6 +86,9 @@ class OfdMutex:
             tlock.acquire()
         elif not tlock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             return False
+        if self._closed:
+            tlock.release()
+            raise ClosedChannel("this handle is closed")
         try:
             if self._try():
                 return True

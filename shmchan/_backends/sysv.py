@@ -29,7 +29,7 @@ from typing import Final
 import sysv_ipc
 
 from .. import _layout as L
-from .._errors import ChannelExists, ChannelNotFound, CorruptChannel, NoSpace, ShmchanError
+from .._errors import ChannelExists, ChannelNotFound, ClosedChannel, CorruptChannel, NoSpace, ShmchanError
 from .._fence import remaining
 from . import _base
 from ._base import Segment
@@ -128,6 +128,11 @@ class SysVMutex:
         self._sem = sem
         self._tlock = threading.RLock()
         self._held = False
+        self._closed = False
+
+    def close(self) -> None:
+        with self._tlock:
+            self._closed = True
 
     def acquire(self, deadline: float | None) -> bool:
         tlock = self._tlock
@@ -135,6 +140,9 @@ class SysVMutex:
             tlock.acquire()
         elif not tlock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             return False
+        if self._closed:
+            tlock.release()
+            raise ClosedChannel("this handle is closed")
         try:
             while True:
                 left = remaining(deadline)

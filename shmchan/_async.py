@@ -132,6 +132,13 @@ async def _until(core: ChannelCore, waiter: Waiter, attempt: Callable[[], Any]) 
     value = attempt()
     if value is not _objects.NOTHING:
         return value
+    if waiter is Waiter.CONSUMER and core.spin_budget_recv:
+        # The sync face's adaptive spin (at most 100 µs, usually far less, and it
+        # shrinks when it does not pay): a thread wakeup costs much more than that.
+        core.spin_recv()
+        value = attempt()
+        if value is not _objects.NOTHING:
+            return value
     gate = _gate(core, waiter)
     gate.enter()
     try:

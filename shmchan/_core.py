@@ -374,6 +374,17 @@ class ChannelCore:
 
     # -- waiting from elsewhere (the async face) ---------------------------------------------
 
+    @property
+    def spin_budget_recv(self) -> int:
+        return self._spin_recv
+
+    def spin_recv(self) -> None:
+        """Poll for a record for up to the adaptive spin budget (see :func:`_spin`)."""
+        try:
+            self._spin_recv = _spin(self.ring.is_empty, self._spin_recv)
+        except ValueError as exc:  # the views were released: closed meanwhile
+            raise self._closed_error(exc) from None
+
     def wakeup_for(self, waiter: Waiter) -> Wakeup:
         """The semaphore that wakes ``waiter``s: not-full, not-empty or joined."""
         seg = self.seg

@@ -46,7 +46,7 @@ import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from types import FrameType
 from typing import Any, Final, Literal, cast
@@ -566,7 +566,7 @@ WORKLOADS: Final[tuple[Workload, ...]] = (
         "B-E",
         STREAM,
         Payload("array", 8 * MiB),
-        40,
+        100,
         6,
         capacity=32 * MiB,
         requires="numpy",
@@ -782,6 +782,7 @@ class Report:
     workloads: list[Workload]
     cells: dict[tuple[str, str], Cell]
     machine: dict[str, str]
+    scale: float = 1.0
     seconds: float = 0.0
     complete: bool = True
 
@@ -919,10 +920,13 @@ def _label(peer: str) -> str:
 def render(report: Report) -> str:
     m = report.machine
     run = f"{'quick' if report.quick else 'full'} run, median of {report.repeat} interleaved repeat(s)"
+    if report.scale != 1:
+        run += f", counts x{report.scale:g}"
     where = f"{m['cpu']} x{m['cores']} | Linux {m['kernel']} | Python {m['python']}"
+    noise = f"other processes used {m.get('others_cpu', '?')} of the CPU time during the run"
     out = [
         f"shmchan bench {m['date']} | {where} | spawn | {run} | {report.seconds:.0f} s",
-        f"Load average (1, 5, 15 min): {m['load_before']} before, {m.get('load_after', '?')} after",
+        f"Load average (1, 5, 15 min): {m['load_before']} before, {m.get('load_after', '?')} after; {noise}",
         f"Versions: {m['versions']}",
         "",
         "x = speed-up over mp.Queue in this run (>1 is better; for latency and time per message it is",
@@ -1028,6 +1032,7 @@ def to_json(report: Report) -> dict[str, Any]:
         "machine": report.machine,
         "quick": report.quick,
         "repeat": report.repeat,
+        "scale": report.scale,
         "seconds": report.seconds,
         "complete": report.complete,
         "headline": HEADLINE,
@@ -1130,6 +1135,31 @@ def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def _busy_cpu_seconds() -> float:
+    """CPU time the whole machine has spent not idle, from /proc/stat (0 if unknown)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return 0.0
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # less idle, iowait
+
+
+def _others_share(busy_before: float, seconds: float) -> str:
+    """How much of the machine's CPU time other processes used during the run: the
+    machine's busy time less this process's and its (reaped) children's."""
+    t = os.times()
+    own = t.user + t.system + t.children_user + t.children_system
+    others = _busy_cpu_seconds() - busy_before - own
+    if not busy_before or seconds <= 0:
+        return "?"
+    return f"{max(0.0, others) / (seconds * (os.cpu_count() or 1)):.0%}"
+
+
+def _scaled(w: Workload, scale: float) -> Workload:
+    return replace(w, count=max(1, round(w.count * scale)), quick_count=max(1, round(w.quick_count * scale)))
+
+
 def _workload_is(w: Workload, wanted: str) -> bool:
     """``A-64B`` names one workload, ``A`` all of A."""
     key, wanted = w.key.lower(), wanted.lower()
@@ -1174,6 +1204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peer", action="append", metavar="NAME", help="only peers whose name contains NAME")
     parser.add_argument("--case-timeout", type=float, metavar="S", help="time limit per case (default 30 s)")
     parser.add_argument("--profile", metavar="DIR", help="write cProfile stats of every process to DIR")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every message count by this")
     args = parser.parse_args(argv)
     if args.plot and not _installed("matplotlib"):
         print("--plot needs matplotlib: pip install 'shmchan[bench]' (or leave out --plot)", file=sys.stderr)
@@ -1186,7 +1217,8 @@ def main(argv: list[str] | None = None) -> int:
         quick=args.quick,
         repeat=args.repeat or (1 if args.quick else 3),
         peers=[peers[0], *(p for p in chosen if p.name != BASELINE)],  # the baseline always runs
-        workloads=_select(WORKLOADS, args.workload, _workload_is),
+        workloads=[_scaled(w, args.scale) for w in _select(WORKLOADS, args.workload, _workload_is)],
+        scale=args.scale,
         cells={},
         machine=machine_info(),
     )
@@ -1195,7 +1227,7 @@ def main(argv: list[str] | None = None) -> int:
     def progress(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    start = time.monotonic()
+    start, busy = time.monotonic(), _busy_cpu_seconds()
     try:
         measure(report, limit, os.path.abspath(args.profile) if args.profile else "", progress)
     except KeyboardInterrupt:
@@ -1203,6 +1235,7 @@ def main(argv: list[str] | None = None) -> int:
         progress("interrupted: the running case stopped its processes and removed its queues")
     report.seconds = time.monotonic() - start
     report.machine["load_after"] = _load()
+    report.machine["others_cpu"] = _others_share(busy, report.seconds)
     print(render(report), flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
@@ -438,8 +437,3 @@ def _check_mode(mode: str) -> None:
 
 def _reopen(name: str, backend: str, mode: str = "rw") -> Channel:
     return Channel.open(name, backend=backend, mode=mode)
-
-
-def default_name() -> str:
-    """A fresh random channel name (96 random bits)."""
-    return f"shmchan.{os.urandom(12).hex()}"

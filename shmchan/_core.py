@@ -219,14 +219,7 @@ class ChannelCore:
         parts: Sequence[tuple[int, memoryview]] = (),
         broken: Callable[[], bool] | None = None,
     ) -> bool:
-        """Append one record. Return False if ``deadline`` passed with no room.
-
-        The payload is ``payload``, or (if it is None) ``n`` bytes gathered from
-        ``parts`` (see :meth:`Ring.try_write_parts`). Blocks while the ring is full, or
-        holds ``max_items`` records: after at most 100 µs of adaptive polling, it
-        sleeps on a semaphore. A KeyboardInterrupt
-        leaves the ring unchanged and unlocked.
-        """
+        """The body of :meth:`send` (which turns errors of a racing close into ClosedChannel)."""
         ring = self.ring
         seg = self.seg
         lock = seg.wlock
@@ -303,11 +296,7 @@ class ChannelCore:
     def _recv(
         self, deadline: float | None, eof: Callable[[], bool] | None = None
     ) -> tuple[int, bytes | bytearray] | None:
-        """Remove the oldest record as ``(type, payload)``; None if ``deadline`` passed.
-
-        Blocks while the ring is empty: after at most 100 µs of adaptive polling, it
-        sleeps on a semaphore. A KeyboardInterrupt while waiting consumes nothing.
-        """
+        """The body of :meth:`recv` (which turns errors of a racing close into ClosedChannel)."""
         ring = self.ring
         seg = self.seg
         lock = seg.rlock
@@ -482,11 +471,6 @@ class ChannelCore:
             return self.ring.reserve_large_seq()
         finally:
             lock.release()
-
-    # -- introspection ----------------------------------------------------------------
-
-    def used_bytes(self) -> int:
-        return self.ring.used()
 
 
 SPIN_MIN_NS: Final = 5_000

@@ -219,9 +219,6 @@ class Ring:
         # The record sits at the tail, or at index 0 after padding to the ring's end.
         q[L.Q_TAIL] = tail + need if idx == at else tail + (self.capacity - at) + need
 
-    def free_bytes(self) -> int:
-        return self.capacity - self.used()
-
     # -- consumer side (caller holds the read lock) -----------------------------
 
     def try_read(self) -> tuple[int, bytes | bytearray] | None:

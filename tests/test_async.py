@@ -30,7 +30,7 @@ import anyio.abc
 import anyio.lowlevel
 import pytest
 from conftest import snapshot, unique_name
-from helpers.children import child
+from helpers.children import child, consumers_waiting, fill, producers_waiting
 from helpers.procs import ROOT, child_env
 
 import shmchan
@@ -101,26 +101,6 @@ def queue_named(backend: str, name: str, cls: Any = shmchan.Queue, **kwargs: Any
         yield q
     finally:
         q.close()
-
-
-def consumers_waiting(q: Any) -> int:
-    n: int = q._core.ring.consumers_waiting()
-    return n
-
-
-def producers_waiting(q: Any) -> int:
-    n: int = q._core.ring.producers_waiting()
-    return n
-
-
-def fill(ch: Channel) -> None:
-    """Send until the channel's ring is full to the last byte."""
-    for size in (500, 1):
-        while True:
-            try:
-                ch.send_bytes_nowait(b"z" * size)
-            except shmchan.Full:
-                break
 
 
 # -- async_q: the asyncio.Queue-shaped view --------------------------------------------------

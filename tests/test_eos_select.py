@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 import pytest
 from conftest import unique_name
-from helpers.children import Child, child, wait_until
+from helpers.children import Child, child, consumers_waiting, fill, producers_waiting, wait_until
 
 import shmchan
 from shmchan import Channel
@@ -45,26 +45,6 @@ def _remove_quietly(name: str, backend: str) -> None:
         Channel.remove(name, backend=backend)
     except shmchan.ChannelNotFound:
         pass
-
-
-def consumers_waiting(ch: Any) -> int:
-    n: int = ch._core.ring.consumers_waiting()
-    return n
-
-
-def producers_waiting(ch: Any) -> int:
-    n: int = ch._core.ring.producers_waiting()
-    return n
-
-
-def fill(ch: Channel) -> None:
-    """Send until the ring is full to the last byte."""
-    for size in (500, 1):
-        while True:
-            try:
-                ch.send_bytes_nowait(b"z" * size)
-            except shmchan.Full:
-                break
 
 
 # -- modes ------------------------------------------------------------------------------------

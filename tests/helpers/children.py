@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
@@ -167,3 +168,25 @@ def run_child(code: str, timeout: float = 30, **params: object) -> subprocess.Co
     """Run ``code`` (with ``params`` bound as globals) to completion."""
     prelude = "".join(f"{key} = {value!r}\n" for key, value in params.items())
     return procs.run(prelude + textwrap.dedent(code), timeout=timeout)
+
+
+def consumers_waiting(handle: Any) -> int:
+    """The channel's shared consumers_waiting counter (of a Channel or a Queue)."""
+    n: int = handle._core.ring.consumers_waiting()
+    return n
+
+
+def producers_waiting(handle: Any) -> int:
+    """The channel's shared producers_waiting counter (of a Channel or a Queue)."""
+    n: int = handle._core.ring.producers_waiting()
+    return n
+
+
+def fill(ch: Channel) -> None:
+    """Send until the channel's ring is full to the last byte."""
+    for size in (500, 1):
+        while True:
+            try:
+                ch.send_bytes_nowait(b"z" * size)
+            except shmchan.Full:
+                break

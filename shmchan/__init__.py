@@ -26,6 +26,7 @@ from ._errors import (
     NoSpace,
     NotAShmchanSegment,
     ShmchanError,
+    UndecodableBatch,
     UndecodableMessage,
     WrongMode,
 )
@@ -64,6 +65,7 @@ __all__ = (
     "Queue",
     "ShmchanError",
     "SimpleQueue",
+    "UndecodableBatch",
     "UndecodableMessage",
     "WrongMode",
     "__version__",

@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import cProfile
 import ctypes
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
@@ -63,7 +64,11 @@ Send = Callable[[Any], object]
 Recv = Callable[[], Any]
 AsyncSend = Callable[[Any], Awaitable[object]]
 AsyncRecv = Callable[[], Awaitable[Any]]
+SendMany = Callable[[list[Any]], object]
+RecvMany = Callable[[], list[Any]]
 Role = tuple[Callable[..., Any], tuple[Any, ...]]
+BATCH: Final = 256
+"""Messages per ``put_many`` / most per ``get_many`` in the batch rows."""
 
 
 class CaseFailed(Exception):
@@ -132,6 +137,16 @@ class Link(abc.ABC):
     def async_receiving(self, index: int, payload: Payload) -> AbstractContextManager[AsyncRecv]:
         raise NotImplementedError
 
+    batch: int = 0
+    """If > 0, streams use :meth:`batch_sending` and :meth:`batch_receiving` with
+    lists of up to this many messages instead of one call per message."""
+
+    def batch_sending(self, index: int, payload: Payload) -> AbstractContextManager[SendMany]:
+        raise NotImplementedError
+
+    def batch_receiving(self, index: int, payload: Payload) -> AbstractContextManager[RecvMany]:
+        raise NotImplementedError
+
 
 @dataclass
 class QueueLink(Link):
@@ -162,6 +177,18 @@ class ShmchanLink(QueueLink):
     def cleanup(self) -> None:
         self.queue.close()
         self.queue.unlink()
+
+
+class ShmchanBatchLink(ShmchanLink):
+    """A named shmchan.Queue driven by ``put_many(list)`` and ``get_many(BATCH)``."""
+
+    batch = BATCH
+
+    def batch_sending(self, index: int, payload: Payload) -> AbstractContextManager[SendMany]:
+        return contextlib.nullcontext(self.queue.put_many)
+
+    def batch_receiving(self, index: int, payload: Payload) -> AbstractContextManager[RecvMany]:
+        return contextlib.nullcontext(functools.partial(self.queue.get_many, self.batch))
 
 
 @dataclass
@@ -263,6 +290,8 @@ def _stream_producer(
 ) -> float:
     """Send each round's messages, then one end marker per consumer; return when the
     timed (last) round started."""
+    if link.batch:
+        return _batch_producer(link, index, payload, rounds, consumers, gate)
     msg, end, start = payload.message(), payload.end(), 0.0
     with link.sending(index, payload) as send:
         for n in rounds:
@@ -276,11 +305,31 @@ def _stream_producer(
     return start
 
 
+def _batch_producer(
+    link: Link, index: int, payload: Payload, rounds: Sequence[int], consumers: int, gate: Gate
+) -> float:
+    """:func:`_stream_producer` with lists of ``link.batch`` messages (the list is made
+    once, as the single message is for the other rows)."""
+    msg, end, start = payload.message(), payload.end(), 0.0
+    chunk = [msg] * link.batch
+    with link.batch_sending(index, payload) as send_many:
+        for n in rounds:
+            start = gate.start()
+            full, rest = divmod(n, link.batch)
+            for _ in range(full):
+                send_many(chunk)
+            send_many([msg] * rest + [end] * consumers)
+        gate.start()
+    return start
+
+
 def _stream_consumer(
     link: Link, index: int, payload: Payload, rounds: Sequence[int], producers: int, gate: Gate
 ) -> tuple[float, int]:
     """Receive until one end marker per producer; return when the timed round ended and
     how many messages it brought."""
+    if link.batch:
+        return _batch_consumer(link, index, payload, rounds, producers, gate)
     got, end = 0, 0.0
     with link.receiving(index, payload) as recv:
         for _ in rounds:
@@ -292,6 +341,32 @@ def _stream_consumer(
                 else:
                     ends += 1
             end = time.perf_counter()
+        gate.start()
+    return end, got
+
+
+def _batch_consumer(
+    link: Link, index: int, payload: Payload, rounds: Sequence[int], producers: int, gate: Gate
+) -> tuple[float, int]:
+    """:func:`_stream_consumer` taking up to ``link.batch`` messages per call. A batch
+    may hold end markers meant for another consumer: those go back to the link."""
+    got, end = 0, 0.0
+    with link.batch_receiving(index, payload) as recv_many, link.batch_sending(index, payload) as send_many:
+        for _ in rounds:
+            gate.start()
+            got = ends = 0
+            surplus: list[Any] = []
+            while ends < producers:
+                for item in recv_many():
+                    if len(item):
+                        got += 1
+                    elif ends < producers:
+                        ends += 1
+                    else:
+                        surplus.append(item)
+            end = time.perf_counter()
+            if surplus:
+                send_many(surplus)
         gate.start()
     return end, got
 
@@ -604,12 +679,12 @@ def _zmq(w: Workload) -> Link:
     return ZmqLink([f"ipc://{directory}/{i}" for i in range(w.consumers)], directory)
 
 
-def _shmchan_queue(backend: str, w: Workload) -> Link:
+def _shmchan_queue(backend: str, w: Workload, kind: type[ShmchanLink] = ShmchanLink) -> Link:
     # Named, so that the parent removes it (unlink) however the children ended, and no
     # lifetime service is started; the data path is the same as an unnamed queue's.
     token = f"shmchan-bench-{os.getpid()}-{uuid.uuid4().hex[:10]}"
     name = f"/dev/shm/{token}" if backend == "mmap" else token
-    return ShmchanLink(Queue(name=name, backend=backend, capacity=w.capacity))
+    return kind(Queue(name=name, backend=backend, capacity=w.capacity))
 
 
 def _any(w: Workload) -> str:
@@ -641,6 +716,19 @@ def _shmchan_peer(backend: str) -> Peer:
     return Peer(f"shmchan.Queue[{backend}]", link, unavailable=why, asynchronous=True)
 
 
+def _batch_peer(backend: str) -> Peer:
+    def link(w: Workload) -> Link:
+        return _shmchan_queue(backend, w, ShmchanBatchLink)
+
+    return Peer(f"shmchan.Queue[{backend}] batch", link, cannot=_streams_only)
+
+
+def _streams_only(w: Workload) -> str:
+    if isinstance(w.pattern, Stream) and not w.pattern.asynchronous:
+        return ""
+    return f"put_many/get_many (batches of {BATCH}) are measured on the sync streams only"
+
+
 def all_peers() -> list[Peer]:
     """The rows, baseline first; the default backend leads shmchan's (the headline)."""
     backends = sorted(BACKENDS, key=lambda b: b != DEFAULT_BACKEND)
@@ -651,6 +739,7 @@ def all_peers() -> list[Peer]:
         Peer("faster_fifo", _faster_fifo, requires="faster_fifo"),
         Peer("pyzmq", _zmq, requires="zmq"),
         *(_shmchan_peer(b) for b in backends),
+        _batch_peer(DEFAULT_BACKEND),
     ]
     return [
         p
@@ -661,6 +750,7 @@ def all_peers() -> list[Peer]:
 
 
 HEADLINE: Final = f"shmchan.Queue[{DEFAULT_BACKEND}]"
+HEADLINE_BATCH: Final = f"{HEADLINE} batch"
 
 
 # -- running a case --------------------------------------------------------------------------
@@ -994,20 +1084,31 @@ TARGETS: Final = (
 
 
 def targets_table(report: Report) -> list[str]:
+    """The headline row against each target; where the batch row (put_many/get_many)
+    ran the same workload, its figure too."""
     by_key = {w.key: w for w in report.workloads}
     lines = [
         f"#### {HEADLINE} against the targets of issue 5",
         "",
-        "| workload | x | target | met |",
-        "|---|---|---|---|",
+        "| workload | target | put/get: x | met | put_many/get_many: x | met |",
+        "|---|---|---|---|---|---|",
     ]
+
+    def verdict(ratio: float | None, t: Target) -> tuple[str, str]:
+        if ratio is None:
+            return "n/a", ""
+        return f"{ratio:.2f}x", "yes" if ratio >= t.ratio else f"no ({ratio / t.ratio:.0%} of it)"
+
     for t in TARGETS:
         w = by_key.get(t.key)
-        ratio = report.ratio(w, HEADLINE, t.metric, (t.versus, HEADLINE) if t.versus else None) if w else None
-        if ratio is None:
+        if w is None:
             continue
-        verdict = "yes" if ratio >= t.ratio else f"no ({ratio / t.ratio:.0%} of it)"
-        lines.append(f"| {t.label()} | {ratio:.2f}x | >= {t.ratio:.3g}x | {verdict} |")
+        single = report.ratio(w, HEADLINE, t.metric, (t.versus, HEADLINE) if t.versus else None)
+        batch = None if t.versus else report.ratio(w, HEADLINE_BATCH, t.metric)
+        if single is None and batch is None:
+            continue
+        cells = (*verdict(single, t), *verdict(batch, t))
+        lines.append(f"| {t.label()} | >= {t.ratio:.3g}x | " + " | ".join(cells) + " |")
     return lines if len(lines) > 4 else []
 
 

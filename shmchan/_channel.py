@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -289,6 +289,27 @@ class Channel:
         if not _objects.send(self._core, self._impl, self._name, data, deadline, raw, self._broken_waiting):
             raise Full(f"channel {self._name!r} stayed full for {timeout:g} s")
 
+    def send_many(self, objs: Iterable[Any], timeout: float | None = None) -> None:
+        """Send every object of ``objs`` in order: like one :meth:`send` each, but
+        many per lock and per commit (much faster for small messages).
+
+        Every object is pickled first, so a pickling error raises before anything is
+        sent. Waits while there is no room for the next one, for at most ``timeout``
+        seconds in all; then raises :class:`Full`, whose ``sent`` attribute says how
+        many went in (the first ones). Raises as :meth:`send` otherwise.
+        """
+        self._writable()
+        if self._broken():
+            raise BrokenChannel(f"channel {self._name!r}: every reader is gone")
+        deadline = deadline_after(check_timeout(timeout))
+        sent, total = _objects.send_many(
+            self._core, self._impl, self._name, objs, deadline, broken=self._broken_waiting
+        )
+        if sent < total:
+            exc = Full(f"channel {self._name!r}: {sent} of {total} messages were sent before the deadline")
+            exc.sent = sent
+            raise exc
+
     def _broken(self) -> bool:
         """Cheap check before a send. While the header counts open readers, ask the
         kernel at most every BROKEN_RECHECK seconds (for readers that died); once
@@ -338,6 +359,23 @@ class Channel:
     def recv_nowait(self) -> Any:
         """Receive without waiting; raise :class:`Empty` if nothing is there."""
         return self._recv(0.0, raw=False)
+
+    def recv_many(self, max_items: int, timeout: float | None = None) -> list[Any]:
+        """Receive between 1 and ``max_items`` of the oldest messages, in order, under
+        one lock: whatever is there, without waiting for more.
+
+        Waits only while the channel is empty, for at most ``timeout`` seconds. If
+        some messages taken cannot be unpickled here, raises
+        :class:`~shmchan.UndecodableBatch`, which carries the others in ``items``.
+        Raises as :meth:`recv` otherwise (EndOfChannel once every writer is gone and
+        nothing is left).
+        """
+        eof = self._readable()
+        deadline = deadline_after(check_timeout(timeout))
+        items = _objects.receive_many(self._core, self._impl, self._name, max_items, deadline, eof)
+        if not items:
+            raise Empty(f"channel {self._name!r} stayed empty for {timeout:g} s")
+        return items
 
     def recv_bytes(self, timeout: float | None = None) -> bytes:
         """Receive the oldest message, which must be raw bytes, as ``bytes``.

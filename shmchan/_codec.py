@@ -86,6 +86,22 @@ def _dumps_slow(obj: Any, buffers: list[pickle.PickleBuffer]) -> bytes:
     return out.getvalue()
 
 
+def pickled_in_band(obj: Any) -> bytes | None:
+    """The pickle of ``obj`` if it has no out-of-band buffers, else None (then use
+    :func:`encode`). The fast path of batch sends: no :class:`Encoded` is made.
+    Raises whatever pickling raises, except the TypeError that :func:`encode` handles
+    with the slow pickler (None then too)."""
+    t = type(obj)
+    if t is bytearray or t is memoryview:
+        return None
+    buffers: list[pickle.PickleBuffer] = []
+    try:
+        data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    except TypeError:
+        return None
+    return None if buffers else data
+
+
 def encode(obj: Any) -> Encoded:
     """Encode ``obj``; raises whatever pickling raises (nothing has been sent)."""
     t = type(obj)

@@ -21,14 +21,17 @@ import functools
 import os
 import time
 import weakref
-from collections.abc import Callable, Sequence
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Any, Final, TypeVar
 
 from . import _layout as L
 from ._backends._base import READER, WRITER, Mutex, Segment, Wakeup
 from ._errors import BrokenChannel, ClosedChannel, CorruptChannel, EndOfChannel, ShmchanError
 from ._fence import full_fence
-from ._ring import Ring
+from ._ring import Record, Ring
+
+_Got = TypeVar("_Got")
+_Arg = TypeVar("_Arg")
 
 WAIT_SLICE: Final = 0.25
 """Longest single sleep on a semaphore. Bounds how late a waiter notices a post lost
@@ -190,35 +193,33 @@ class ChannelCore:
 
     def send(
         self,
-        payload: memoryview | None,
-        rtype: int,
+        write: Callable[[_Arg], int],
+        arg: _Arg,
         deadline: float | None,
-        n: int = 0,
-        parts: Sequence[tuple[int, memoryview]] = (),
         broken: Callable[[], bool] | None = None,
-    ) -> bool:
-        """Append one record. Return False if ``deadline`` passed with no room.
+    ) -> int:
+        """Append records with ``write(arg)`` (called under the write lock; it returns
+        how many records it appended, 0 if none fits now; see
+        :meth:`Ring.try_write_record` and :meth:`Ring.try_write_many`): return that
+        count, or 0 if ``deadline`` passed with no room.
 
-        The payload is ``payload``, or (if it is None) ``n`` bytes gathered from
-        ``parts`` (see :meth:`Ring.try_write_parts`). Blocks while the ring is full, or
-        holds ``max_items`` records: after at most 100 µs of adaptive polling, it
-        sleeps on a semaphore. A KeyboardInterrupt leaves the ring unchanged and
-        unlocked. Raises BrokenChannel if ``broken()`` says so while it waits.
+        Blocks while the ring is full, or holds ``max_items`` records: after at most
+        100 µs of adaptive polling, it sleeps on a semaphore. A KeyboardInterrupt
+        leaves the ring unchanged and unlocked. Raises BrokenChannel if ``broken()``
+        says so while it waits.
         """
         try:
-            return self._send(payload, rtype, deadline, n, parts, broken)
+            return self._send(write, arg, deadline, broken)
         except (ValueError, OSError) as exc:  # released views, closed descriptors
             raise self._closed_error(exc) from None
 
     def _send(
         self,
-        payload: memoryview | None,
-        rtype: int,
+        write: Callable[[_Arg], int],
+        arg: _Arg,
         deadline: float | None,
-        n: int = 0,
-        parts: Sequence[tuple[int, memoryview]] = (),
         broken: Callable[[], bool] | None = None,
-    ) -> bool:
+    ) -> int:
         """The body of :meth:`send` (which turns errors of a racing close into ClosedChannel)."""
         ring = self.ring
         seg = self.seg
@@ -228,33 +229,27 @@ class ChannelCore:
         try:
             while True:
                 if not lock.acquire(_lock_deadline(deadline)):
-                    return False
+                    return 0
                 try:
                     if registered:
                         ring.add_producers_waiting(-1)
                         registered = False
                     self._check_state()
-                    if (
-                        ring.try_write(payload, rtype)
-                        if payload is not None
-                        else ring.try_write_parts(n, rtype, parts)
-                    ):
+                    written = write(arg)
+                    if written:
                         break
                     if broken is not None and broken():
                         raise BrokenChannel(f"channel {seg.name!r}: every reader is gone")
                     if deadline is not None and time.monotonic() >= deadline:
-                        return False
+                        return 0
                     if spin:  # poll below, without the lock, before registering
                         head = ring.head  # room appears when consumers move the head
                     else:
                         ring.add_producers_waiting(1)
                         registered = True
                         full_fence()  # Dekker: registration visible before the re-check
-                        if (
-                            ring.try_write(payload, rtype)
-                            if payload is not None
-                            else ring.try_write_parts(n, rtype, parts)
-                        ):
+                        written = write(arg)
+                        if written:
                             ring.add_producers_waiting(-1)
                             registered = False
                             break
@@ -274,13 +269,11 @@ class ChannelCore:
             _post_if_zero(seg.not_empty)
         if ring.producers_waiting():
             _post_if_zero(seg.not_full)  # pass the baton to another waiting producer
-        return True
+        return written
 
     # -- receive --------------------------------------------------------------------
 
-    def recv(
-        self, deadline: float | None, eof: Callable[[], bool] | None = None
-    ) -> tuple[int, bytes | bytearray] | None:
+    def recv(self, deadline: float | None, eof: Callable[[], bool] | None = None) -> Record | None:
         """Remove the oldest record as ``(type, payload)``; None if ``deadline`` passed.
 
         Blocks while the ring is empty: after at most 100 µs of adaptive polling, it
@@ -289,14 +282,25 @@ class ChannelCore:
         drained.
         """
         try:
-            return self._recv(deadline, eof)
+            return self._recv(self.ring.try_read, deadline, eof)
+        except (ValueError, OSError) as exc:
+            raise self._closed_error(exc) from None
+
+    def recv_many(
+        self, max_records: int, deadline: float | None, eof: Callable[[], bool] | None = None
+    ) -> list[Record] | None:
+        """Like :meth:`recv`, but take up to ``max_records`` records at once, under one
+        lock and with one commit (waits only while the ring is empty)."""
+        try:
+            return self._recv(functools.partial(self.ring.try_read_many, max_records), deadline, eof)
         except (ValueError, OSError) as exc:
             raise self._closed_error(exc) from None
 
     def _recv(
-        self, deadline: float | None, eof: Callable[[], bool] | None = None
-    ) -> tuple[int, bytes | bytearray] | None:
-        """The body of :meth:`recv` (which turns errors of a racing close into ClosedChannel)."""
+        self, read: Callable[[], _Got | None], deadline: float | None, eof: Callable[[], bool] | None = None
+    ) -> _Got | None:
+        """The body of :meth:`recv` and :meth:`recv_many` (``read`` runs under the read
+        lock and returns None when the ring is empty)."""
         ring = self.ring
         seg = self.seg
         lock = seg.rlock
@@ -311,11 +315,11 @@ class ChannelCore:
                         ring.add_consumers_waiting(-1)
                         registered = False
                     self._check_state()
-                    got = ring.try_read()
+                    got = read()
                     if got is not None:
                         break
                     if eof is not None and eof():
-                        got = ring.try_read()  # anything committed before the last writer left
+                        got = read()  # anything committed before the last writer left
                         if got is not None:
                             break
                         raise EndOfChannel(f"channel {seg.name!r}: every writer is gone")
@@ -325,7 +329,7 @@ class ChannelCore:
                         ring.add_consumers_waiting(1)
                         registered = True
                         full_fence()  # Dekker: registration visible before the re-check
-                        got = ring.try_read()
+                        got = read()
                         if got is not None:
                             ring.add_consumers_waiting(-1)
                             registered = False

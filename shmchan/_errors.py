@@ -13,6 +13,7 @@ silently changes which ``except`` clause runs::
     ├── BrokenChannel         (+ BrokenPipeError)    every reader is gone
     ├── WrongMode             (+ io.UnsupportedOperation)  sending on "r", receiving on "w"
     ├── UndecodableMessage    (+ ValueError)         a record of a type this reader can't decode
+    ├── UndecodableBatch      (+ ValueError)         some items of a batch receive didn't decode
     ├── LayoutError           (+ ValueError)         the segment is not a usable v1 ring
     │   ├── NotAShmchanSegment                       wrong magic: foreign or squatted name
     │   ├── IncompatibleLayout                       unknown major version or feature bit
@@ -29,6 +30,7 @@ from __future__ import annotations
 import errno
 import io
 import queue
+from typing import Any
 
 __all__ = (
     "BackendUnavailable",
@@ -47,6 +49,7 @@ __all__ = (
     "NoSpace",
     "NotAShmchanSegment",
     "ShmchanError",
+    "UndecodableBatch",
     "UndecodableMessage",
     "WrongMode",
 )
@@ -66,8 +69,13 @@ class Empty(ShmchanError, queue.Empty):
 class Full(ShmchanError, queue.Full):
     """Raised when a send finds no room before its deadline (or at once, non-blocking).
 
-    Nothing was written. It is a :class:`queue.Full`, like ``multiprocessing``'s.
+    A single ``put``/``send`` wrote nothing. A batch send (``put_many``,
+    ``send_many``) sets :attr:`sent` to how many of its items went in before the
+    deadline: the first ones, in order (0 otherwise). It is a :class:`queue.Full`,
+    like ``multiprocessing``'s.
     """
+
+    sent: int = 0
 
 
 class MessageTooLarge(ShmchanError, ValueError):
@@ -122,6 +130,25 @@ class UndecodableMessage(ShmchanError, ValueError):
         super().__init__(message)
         self.record_type = record_type
         self.payload = payload
+
+
+class UndecodableBatch(ShmchanError, ValueError):
+    """Raised by a batch receive (``get_many``, ``recv_many``) when some of the items it
+    took could not be decoded.
+
+    Every item of the batch was consumed, and every one that decoded is here:
+    :attr:`items` holds them in order, and :attr:`errors` pairs each failure's
+    position in the batch with its exception (an :class:`UndecodableMessage`, or
+    whatever unpickling raised). The first failure is also the ``__cause__``.
+    """
+
+    def __init__(self, items: list[Any], errors: list[tuple[int, BaseException]]) -> None:
+        super().__init__(
+            f"{len(errors)} of {len(items) + len(errors)} received items could not be decoded "
+            f"(first: {errors[0][1]!r}); the {len(items)} others are in .items"
+        )
+        self.items = items
+        self.errors = errors
 
 
 class LayoutError(ShmchanError, ValueError):

@@ -39,6 +39,8 @@ LAYOUT_MAJOR: Final = 1
 LAYOUT_MINOR: Final = 0
 HEADER_SIZE: Final = 4096
 RECORD_HEADER_SIZE: Final = 16
+RECORD_HEADER: Final = struct.Struct("<IHHQ")
+"""A record header: u32 payload length, u16 type, u16 flags (0), u64 reserved (0)."""
 RECORD_ALIGN: Final = 16
 MIN_CAPACITY: Final = 4096
 MAX_CAPACITY: Final = 1 << 40

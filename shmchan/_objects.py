@@ -9,14 +9,17 @@ send is finally abandoned, :func:`discard` removes the side segment.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import pickle
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import _layout as L
 from ._backends._base import Backend
-from ._codec import Encoded, UnknownRecordType, decode, encode, write_into
+from ._codec import Encoded, UnknownRecordType, decode, encode, pickled_in_band, write_into
 from ._core import ChannelCore
-from ._errors import UndecodableMessage
+from ._errors import UndecodableBatch, UndecodableMessage
+from ._ring import OutRecord
 
 
 class Outgoing:
@@ -66,7 +69,10 @@ def attempt(
 ) -> bool:
     """Queue a prepared message before ``deadline``; False if there was no room."""
     enc = out.enc
-    return core.send(enc.payload, enc.rtype, deadline, enc.n, enc.parts, broken)
+    return (
+        core.send(core.ring.try_write_record, (enc.rtype, enc.n, enc.payload, enc.parts), deadline, broken)
+        > 0
+    )
 
 
 def discard(impl: Backend, name: str, out: Outgoing) -> None:
@@ -96,6 +102,58 @@ def send(
     return sent
 
 
+def send_many(
+    core: ChannelCore,
+    impl: Backend,
+    name: str,
+    objs: Iterable[Any],
+    deadline: float | None,
+    raw: bool = False,
+    broken: Callable[[], bool] | None = None,
+) -> tuple[int, int]:
+    """Send every object of ``objs`` in order, as many per lock as fit, each batch
+    published with one commit. Everything is encoded first, so an object that
+    cannot be pickled raises before anything is sent. Return ``(sent, total)``:
+    ``sent < total`` when ``deadline`` passed first (the first ``sent`` went in)."""
+    records: list[OutRecord] = []
+    spilled: list[tuple[int, Outgoing]] = []  # (index, message) of side-segment messages
+    max_payload = core.max_payload
+    try:
+        for obj in objs:
+            if not raw:  # the common cases, inline: bytes, and pickles without buffers
+                if type(obj) is bytes:
+                    if len(obj) <= max_payload:
+                        records.append((L.RT_BYTES, len(obj), obj, ()))
+                        continue
+                else:
+                    data = pickled_in_band(obj)
+                    if data is not None and len(data) <= max_payload:
+                        records.append((L.RT_PICKLE, len(data), data, ()))
+                        continue
+            out = prepare(core, impl, name, obj, raw)
+            if out.side is not None:
+                spilled.append((len(records), out))
+            enc = out.enc
+            records.append((enc.rtype, enc.n, enc.payload, enc.parts))
+    except BaseException:
+        for _, out in spilled:
+            discard(impl, name, out)
+        raise
+    done = 0
+    write = functools.partial(core.ring.try_write_many, records)
+    try:
+        while done < len(records):
+            sent = core.send(write, done, deadline, broken)
+            if not sent:
+                break
+            done += sent
+    finally:
+        for i, out in spilled:
+            if i >= done:
+                discard(impl, name, out)
+    return done, len(records)
+
+
 NOTHING: Any = object()
 """What :func:`receive` returns when the deadline passed with nothing to receive."""
 
@@ -117,7 +175,55 @@ def receive(
     if got is None:
         return NOTHING
     rtype, payload = got
+    if not raw:  # the common cases, inline
+        if rtype == L.RT_BYTES:
+            return payload
+        if rtype == L.RT_PICKLE:
+            return pickle.loads(payload)
+    return _decode(impl, name, rtype, payload, raw)
 
+
+def receive_many(
+    core: ChannelCore,
+    impl: Backend,
+    name: str,
+    max_items: int,
+    deadline: float | None,
+    eof: Callable[[], bool] | None = None,
+    raw: bool = False,
+) -> list[Any]:
+    """Take up to ``max_items`` records at once (waiting only while there are none)
+    and decode them; an empty list if the deadline passed.
+
+    Every record taken is decoded, even after one fails; if any failed, raises
+    UndecodableBatch holding the items that did decode (nothing taken is lost).
+    Raises TypeError or ValueError for a ``max_items`` that is not an int >= 1.
+    """
+    if isinstance(max_items, bool) or not isinstance(max_items, int):
+        raise TypeError(f"max_items must be an int, not {type(max_items).__name__}")
+    if max_items < 1:
+        raise ValueError(f"max_items must be at least 1, not {max_items}")
+    got = core.recv_many(max_items, deadline, eof)
+    if got is None:
+        return []
+    items: list[Any] = []
+    errors: list[tuple[int, BaseException]] = []
+    for i, (rtype, payload) in enumerate(got):
+        try:
+            if rtype == L.RT_BYTES and not raw:
+                items.append(payload)  # already a private bytes object
+            elif rtype == L.RT_PICKLE and not raw:
+                items.append(pickle.loads(payload))
+            else:
+                items.append(_decode(impl, name, rtype, payload, raw))
+        except Exception as exc:  # noqa: BLE001 - whatever unpickling raises, kept for the caller
+            errors.append((i, exc))
+    if errors:
+        raise UndecodableBatch(items, errors) from errors[0][1]
+    return items
+
+
+def _decode(impl: Backend, name: str, rtype: int, payload: bytes | bytearray, raw: bool) -> Any:
     def open_side(seq: int) -> memoryview:
         return impl.open_side(name, seq)
 

@@ -25,12 +25,41 @@ from ._errors import CorruptChannel
 from ._fence import WEAK_ORDERING, full_fence
 
 _MASK32 = 0xFFFFFFFF
+_ZEROS = bytes(16)
+_pack_header = L.RECORD_HEADER.pack
+_unpack_header = L.RECORD_HEADER.unpack_from
+_BLOCK = 1 << 16
+"""At most this many bytes of the ring are copied at once by :meth:`Ring.try_read_many`."""
+_RUN_MAX = 2048
+"""Records with a payload up to this size are assembled into runs by
+:meth:`Ring.try_write_many` and read out of one block by :meth:`Ring.try_read_many`;
+larger ones are copied straight into and out of the ring."""
+"""At most this many bytes of the ring are copied at once by :meth:`Ring.try_read_many`."""
+
+Record = tuple[int, bytes | bytearray]
+"""A received record: ``(type, payload)``."""
+
+
+OutRecord = tuple[int, int, "bytes | memoryview | None", Sequence[tuple[int, memoryview]]]
+"""A record to write: ``(type, n, payload, parts)``, ``n`` payload bytes taken from
+``payload`` or, if that is None, gathered from ``parts`` (``(offset, view)`` pairs)."""
 
 
 class Ring:
     """A view of one segment's ring. Not thread-safe: callers hold the side's lock."""
 
-    __slots__ = ("_data", "_hdr", "_i", "_q", "capacity", "mask", "max_items", "max_payload", "max_record")
+    __slots__ = (
+        "_data",
+        "_end",
+        "_hdr",
+        "_i",
+        "_q",
+        "capacity",
+        "mask",
+        "max_items",
+        "max_payload",
+        "max_record",
+    )
 
     def __init__(self, buf: memoryview, capacity: int, max_record: int, max_items: int = 0) -> None:
         self._q = buf.cast("Q")  # 8-byte words: aligned stores are single instructions
@@ -42,6 +71,7 @@ class Ring:
         self.max_record = max_record
         self.max_payload = L.max_payload(max_record)
         self.max_items = max_items
+        self._end = 0  # set by _place_at: the position after the record it placed
 
     def release(self) -> None:
         """Drop the buffer views so the mapping can be closed."""
@@ -159,43 +189,112 @@ class Ring:
         ``payload`` must be a C-contiguous byte view of at most ``max_payload`` bytes.
         A ring with ``max_items`` also refuses a record while it holds that many.
         """
-        n = payload.nbytes
-        idx = self._place(n, rtype)
-        if idx < 0:
-            return False
-        if n:
-            self._data[idx + 16 : idx + 16 + n] = payload
-        self._commit(idx, n)
-        return True
+        return self.try_write_record((rtype, payload.nbytes, payload, ())) == 1
 
-    def try_write_parts(self, n: int, rtype: int, parts: Sequence[tuple[int, memoryview]]) -> bool:
-        """Like :meth:`try_write` for a payload of ``n`` bytes gathered from ``parts``:
-        each ``(offset, view)`` is copied once, straight into the ring."""
-        idx = self._place(n, rtype)
-        if idx < 0:
-            return False
-        data = self._data
-        base = idx + 16
-        for off, view in parts:
-            data[base + off : base + off + view.nbytes] = view
-        self._commit(idx, n)
-        return True
-
-    def _place(self, n: int, rtype: int) -> int:
-        """Find room for a record of ``n`` payload bytes and write its header (and any
-        padding before it); return its ring index, or -1 if it does not fit now."""
-        need = (n + 31) & ~15  # record_size(n): 16-byte header + payload, 16-aligned
+    def try_write_record(self, record: OutRecord) -> int:
+        """Like :meth:`try_write` for ``(type, n, payload, parts)`` (see
+        :data:`OutRecord`): each part is copied once, straight into the ring.
+        Return 1 if it was appended, 0 if it does not fit now."""
+        rtype, n, payload, parts = record
         head, tail = self._positions()
         if WEAK_ORDERING:
             full_fence()  # acquire: consumers' reads of freed bytes precede our writes
         q = self._q
         if self.max_items and q[L.Q_MSGS_PUT] - q[L.Q_MSGS_GOT] >= self.max_items:
-            return -1
-        idx = tail & self.mask
+            return 0
+        idx = self._place_at(tail, head, n, rtype)
+        if idx < 0:
+            return 0
+        if payload is None:
+            self._fill(idx, parts)
+        elif n:
+            self._data[idx + 16 : idx + 16 + n] = payload
+        # The commit point of a put (the same three steps as _publish, inline: hot path).
+        if WEAK_ORDERING:
+            full_fence()  # release: the record's bytes are visible before the tail
+        q[L.Q_MSGS_PUT] = q[L.Q_MSGS_PUT] + 1
+        q[L.Q_TAIL] = self._end
+        return 1
+
+    def try_write_many(self, records: Sequence[OutRecord], start: int = 0) -> int:
+        """Append ``records[start:]``, as many as fit now, in order, and publish them
+        together with one store of ``tail`` (one commit point for all of them, so a
+        crash before it leaves none visible). Return how many were appended.
+
+        Runs of records that need no wrap are assembled in a private buffer and
+        copied into the ring at once; the bytes are the same as one
+        :meth:`try_write_record` per record.
+        """
+        head, tail = self._positions()
+        if WEAK_ORDERING:
+            full_fence()  # acquire, as in try_write_record
+        q = self._q
+        limit = len(records) - start
+        if self.max_items:
+            limit = min(limit, self.max_items - (q[L.Q_MSGS_PUT] - q[L.Q_MSGS_GOT]))
+        cap = self.capacity
+        mask = self.mask
+        room = cap - (tail - head)  # free bytes
+        end = tail  # where the next record goes (unpublished)
+        run = bytearray()  # records assembled for [end - len(run), end)
+        pack = _pack_header
+        zeros = _ZEROS
+        count = 0
+        while count < limit:
+            rtype, n, payload, parts = records[start + count]
+            need = (n + 31) & ~15
+            at = end & mask
+            if run and not at:  # the run reached the ring's end: it ends there
+                self._flush_run(end, run)
+                run = bytearray()
+            # In a run: small (a big payload is better copied once, straight in), room
+            # for it, no wrap (it ends by the ring's end), one payload view.
+            if n <= _RUN_MAX and payload is not None and need <= room and at + need <= cap:
+                run += pack(n, rtype, 0, 0)
+                run += payload
+                run += zeros[: need - 16 - n]
+                end += need
+                room -= need
+                count += 1
+                continue
+            self._flush_run(end, run)
+            run = bytearray()
+            idx = self._place_at(end, head, n, rtype)
+            if idx < 0:
+                break
+            if payload is None:
+                self._fill(idx, parts)
+            elif n:
+                self._data[idx + 16 : idx + 16 + n] = payload
+            room -= self._end - end
+            end = self._end
+            count += 1
+        self._flush_run(end, run)
+        if count:
+            if WEAK_ORDERING:
+                full_fence()  # release: the records' bytes are visible before the tail
+            q[L.Q_MSGS_PUT] = q[L.Q_MSGS_PUT] + count  # before the tail: a consumer that
+            # sees a record also sees it counted (task_done relies on that)
+            q[L.Q_TAIL] = end
+        return count
+
+    def _flush_run(self, end: int, run: bytearray) -> None:
+        if run:
+            at = (end - len(run)) & self.mask
+            self._data[at : at + len(run)] = run
+
+    def _place_at(self, end: int, head: int, n: int, rtype: int) -> int:
+        """Find room at position ``end`` (the tail, or past records not yet
+        published), given ``head``, for a record of ``n`` payload bytes; write its
+        header (and any padding before it) and return its ring index, or -1 if it
+        does not fit now. Sets ``_end`` to the position after the record."""
+        need = (n + 31) & ~15  # record_size(n): 16-byte header + payload, 16-aligned
+        idx = end & self.mask
         rem = self.capacity - idx
         pad = 0 if need <= rem else rem
-        if pad + need > self.capacity - (tail - head):
+        if pad + need > self.capacity - (end - head):
             return -1
+        q = self._q
         base = self._hdr
         if pad:
             # Wrap rule: a padding record fills [idx, capacity); the record goes at 0.
@@ -204,29 +303,24 @@ class Ring:
             idx = 0
         q[base + (idx >> 3)] = n | (rtype << 32)
         q[base + (idx >> 3) + 1] = 0
+        self._end = end + pad + need
         return idx
 
-    def _commit(self, idx: int, n: int) -> None:
-        """Publish the record just written at ``idx`` (the commit point of a put)."""
-        q = self._q
-        if WEAK_ORDERING:
-            full_fence()  # release: the record's bytes are visible before the tail
-        q[L.Q_MSGS_PUT] = q[L.Q_MSGS_PUT] + 1  # before the tail: a consumer that sees
-        # the record also sees it counted (task_done relies on that)
-        tail = q[L.Q_TAIL]
-        at = tail & self.mask
-        need = (n + 31) & ~15
-        # The record sits at the tail, or at index 0 after padding to the ring's end.
-        q[L.Q_TAIL] = tail + need if idx == at else tail + (self.capacity - at) + need
+    def _fill(self, idx: int, parts: Sequence[tuple[int, memoryview]]) -> None:
+        data = self._data
+        base = idx + 16
+        for off, view in parts:
+            data[base + off : base + off + view.nbytes] = view
 
     # -- consumer side (caller holds the read lock) -----------------------------
 
-    def try_read(self) -> tuple[int, bytes | bytearray] | None:
+    def try_read(self) -> Record | None:
         """Remove the oldest record and return ``(type, payload)``, or None if empty.
 
         Padding records are skipped (and released). Every field is validated before it
         is used to index memory; a violation marks the channel corrupt and raises
-        :class:`CorruptChannel`.
+        :class:`CorruptChannel`. (The one-record twin of :meth:`try_read_many`, kept
+        apart because it is the hot path of every ``get``.)
         """
         head, tail = self._positions()
         if head == tail:
@@ -261,6 +355,67 @@ class Ring:
         if head != start:
             q[L.Q_HEAD] = head  # only padding was left: release it
         return None
+
+    def try_read_many(self, max_records: int) -> list[Record] | None:
+        """Remove up to ``max_records`` of the oldest records, in order, with one store
+        of ``head`` (one commit point); None if the ring is empty. Validation as in
+        :meth:`try_read`: a bad record raises CorruptChannel and consumes nothing.
+
+        Small payloads are sliced out of one private copy of the bytes they occupy
+        (one copy for many records); larger ones are copied out one by one.
+        """
+        head, tail = self._positions()
+        if head == tail:
+            return None
+        if WEAK_ORDERING:
+            full_fence()  # acquire: the tail we read is ordered before the record bytes
+        data = self._data
+        cap = self.capacity
+        mask = self.mask
+        max_record = self.max_record
+        unpack = _unpack_header
+        small = _RUN_MAX
+        want = min(_BLOCK, max_records * 256)
+        padding, oob = L.RT_PADDING, L.RT_PICKLE_OOB
+        start = head
+        out: list[Record] = []
+        append = out.append
+        count = 0
+        block = b""
+        block_at = block_end = head  # ring positions of the copy (it never wraps)
+        while head != tail and count < max_records:
+            idx = head & mask
+            n, rtype, _, _ = unpack(data, idx)
+            size = (n + 31) & ~15
+            if rtype == padding:
+                if idx + 16 + n != cap or size > tail - head:
+                    self._corrupt(f"bad padding record at {head}: length {n}")
+                head += cap - idx
+                continue
+            if size > max_record or idx + size > cap or size > tail - head:
+                self._corrupt(f"bad record at {head}: length {n}, type {rtype}")
+            if n <= small and rtype != oob:
+                if head + 16 + n > block_end:  # copy from here on: this record, then up to `want`
+                    block = data[idx : idx + min(tail - head, cap - idx, max(want, 16 + n))].tobytes()
+                    block_at, block_end = head, head + len(block)
+                off = head - block_at + 16
+                append((rtype, block[off : off + n]))
+            elif rtype == oob:
+                # Out-of-band pickle buffers become the received objects' memory (NumPy
+                # arrays, bytearrays): give them a private, writable copy.
+                append((rtype, bytearray(data[idx + 16 : idx + 16 + n])))
+            else:
+                append((rtype, data[idx + 16 : idx + 16 + n].tobytes()))
+            head += size
+            count += 1
+        if head != start:
+            if count:
+                if WEAK_ORDERING:
+                    full_fence()  # release: our reads finish before producers reuse bytes
+                q = self._q
+                q[L.Q_MSGS_GOT] = q[L.Q_MSGS_GOT] + count
+            self._q[L.Q_HEAD] = head  # commit point of the get (or: only padding was released)
+        return out or None
 
     def _corrupt(self, why: str) -> NoReturn:
         self.mark_corrupt()

@@ -233,7 +233,7 @@ def test_unknown_backend() -> None:
 def test_undecodable_record_is_consumed(channel: Channel) -> None:
     from shmchan import _layout as L
 
-    assert channel._core.send(memoryview(b"future"), 0x8001, None)
+    assert channel._core.send(channel._core.ring.try_write_record, (0x8001, 6, b"future", ()), None)
     channel.send_bytes(b"next")
     with pytest.raises(shmchan.UndecodableMessage) as info:
         channel.recv_bytes_nowait()

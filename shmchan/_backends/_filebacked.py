@@ -82,7 +82,9 @@ class OfdMutex:
 
     def acquire(self, deadline: float | None) -> bool:
         tlock = self._tlock
-        if deadline is None:
+        if tlock.acquire(False):  # uncontended in this process: the common case
+            pass
+        elif deadline is None:
             tlock.acquire()
         elif not tlock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             return False
@@ -90,8 +92,12 @@ class OfdMutex:
             tlock.release()
             raise ClosedChannel("this handle is closed")
         try:
-            if self._try():
+            try:  # the first try inline (hot path): uncontended, it simply succeeds
+                fcntl.fcntl(self._handle.fd, fcntl.F_OFD_SETLK, self._lock)
                 return True
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
             if deadline is None:
                 # Kernel-queued sleep; EINTR is retried by fcntl() unless a signal
                 # handler raised (Ctrl-C), which propagates to the except below.

@@ -136,7 +136,9 @@ class SysVMutex:
 
     def acquire(self, deadline: float | None) -> bool:
         tlock = self._tlock
-        if deadline is None:
+        if tlock.acquire(False):  # uncontended in this process: the common case
+            pass
+        elif deadline is None:
             tlock.acquire()
         elif not tlock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             return False

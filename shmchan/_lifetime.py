@@ -4,8 +4,8 @@ Each process keeps one connection per service it uses, and counts its handles pe
 queue. Holds follow the handles: a handle registers when it is made (created,
 unpickled, opened by name) and unregisters when it is closed; a process's remaining
 holds vanish with its connection when it exits, however it dies. ``os.fork()`` is
-handled so that a child's inherited handles are held on the child's own connection
-before the parent can drop its own.
+handled so that a child's inherited handles are held, from the fork on, on a
+connection that only the child owns (see the fork section below).
 """
 
 from __future__ import annotations
@@ -44,10 +44,6 @@ class _Conn:
         with self.lock:
             self.sock.send("\t".join(words).encode())
             return self.sock.recv(64).decode()
-
-    def tell(self, *words: str) -> None:
-        with self.lock:
-            self.sock.send("\t".join(words).encode())
 
 
 def _drop(address: str) -> None:
@@ -169,22 +165,41 @@ def redeem(address: str, token: str) -> None:
 
 
 # -- fork ------------------------------------------------------------------------------
+#
+# A forked child inherits its parent's handles, so it must hold their queues from its
+# first instant: if the parent closed its handle at once, nothing else would keep the
+# queue alive for the child. Before the fork, the parent opens one new connection per
+# service and takes on it one hold per queue it holds; after the fork the parent closes
+# its copy of those connections and the child adopts them as its own. A hold is thus
+# always owned by the process whose death drops it: a child killed at any instant
+# after the fork (even before it ran a line of Python) takes its holds with it.
+
+_fork_conns: dict[str, _Conn] = {}
 
 
 def _before_fork() -> None:
-    # Hold every queue once more on the parent's connection, for the child; the child
-    # moves it to its own connection. Then keep the sockets quiet across the fork.
     _lock.acquire()
-    for address, backend, name in list(_held):
+    for address in {address for address, _, _ in _held}:
         try:
-            _conns[address].request("+", backend, name)
-        except (OSError, KeyError):
-            pass
+            conn = _Conn(address)
+        except OSError:
+            continue  # the service is gone: so are its queues
+        try:
+            for addr, backend, name in _held:
+                if addr == address:
+                    conn.request("+", backend, name)
+        except OSError:
+            conn.sock.close()
+            continue
+        _fork_conns[address] = conn
     for conn in _conns.values():
-        conn.lock.acquire()
+        conn.lock.acquire()  # keep the shared sockets quiet across the fork
 
 
 def _after_fork_in_parent() -> None:
+    for conn in _fork_conns.values():
+        conn.sock.close()  # the child's now: its holds last as long as the child's copy
+    _fork_conns.clear()
     for conn in _conns.values():
         conn.lock.release()
     _lock.release()
@@ -192,22 +207,14 @@ def _after_fork_in_parent() -> None:
 
 def _after_fork_in_child() -> None:
     global _lock, _own
-    inherited = dict(_conns)
+    for conn in _conns.values():
+        conn.sock.close()  # the parent's connections stay open in the parent
     _conns.clear()
-    _own = None  # the parent's service stays the parent's; a child starts its own
-    for conn in inherited.values():
+    for address, conn in _fork_conns.items():
         conn.lock = threading.Lock()
-    for address, backend, name in list(_held):
-        try:
-            _conn(address).request("+", backend, name)
-        except OSError:
-            continue
-        try:  # release the parent's extra hold, without an answer on a shared socket
-            inherited[address].tell("f", backend, name)
-        except (OSError, KeyError):
-            pass
-    for conn in inherited.values():
-        conn.sock.close()  # the parent's connection stays open in the parent
+        _conns[address] = conn
+    _fork_conns.clear()
+    _own = None  # the parent's service stays the parent's; a child starts its own
     _lock = threading.RLock()
 
 

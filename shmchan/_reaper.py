@@ -9,14 +9,12 @@ holds a queue any more, the service removes it. It exits once it holds nothing a
 nobody is connected.
 
 Wire protocol: one ``SOCK_SEQPACKET`` datagram per request, tab-separated UTF-8,
-answered by ``ok`` or ``gone`` (except ``f``, which gets no answer):
+answered by ``ok`` or ``gone``:
 
 =====================  ============================================================
 ``c backend name``     the creator's first hold (made before the queue exists)
 ``+ backend name``     one more hold, on this connection (``gone`` if none is left)
 ``- backend name``     drop one hold of this connection; the last one removes it
-``f backend name``     like ``-`` without an answer (a forked child releasing the
-                       hold its parent took for it, on the parent's connection)
 ``t backend name tok`` a transfer hold for a pickled copy, kept until redeemed, or
                        until :data:`TRANSFER_GRACE` seconds after the connection
                        that took it is gone
@@ -99,11 +97,10 @@ class Reaper:
             reply = self.handle(conn, data.decode().split("\t"))
         except (IndexError, UnicodeDecodeError):
             reply = "error"  # a malformed request must never take the service down
-        if reply is not None:
-            try:
-                conn.send(reply.encode())
-            except OSError:
-                pass
+        try:
+            conn.send(reply.encode())
+        except OSError:
+            pass
 
     def absorb_hangups(self, current: socket.socket) -> None:
         for key, _ in self.sel.select(timeout=0):
@@ -119,7 +116,7 @@ class Reaper:
             if hung_up:
                 self.serve(sock)
 
-    def handle(self, conn: socket.socket, words: list[str]) -> str | None:
+    def handle(self, conn: socket.socket, words: list[str]) -> str:
         op = words[0]
         if op == "?":  # diagnostics: what is held, by how many connections
             held = {f"{b} {n}": c for (b, n), c in self.totals.items()}
@@ -139,10 +136,10 @@ class Reaper:
             return "ok"
         if op in "+t":
             return "gone"
-        if op in "-f" and self.holds[conn][key] > 0:
+        if op == "-" and self.holds[conn][key] > 0:
             self.holds[conn][key] -= 1
             self.drop(key, 1)
-        return "ok" if op == "-" else None
+        return "ok"
 
     def drop(self, key: Key, n: int) -> None:
         self.totals[key] -= n

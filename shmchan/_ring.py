@@ -30,6 +30,10 @@ _pack_header = L.RECORD_HEADER.pack
 _unpack_header = L.RECORD_HEADER.unpack_from
 _BLOCK = 1 << 16
 """At most this many bytes of the ring are copied at once by :meth:`Ring.try_read_many`."""
+_BATCH_BYTES = 1 << 16
+"""A batch publishes (or releases) what it has once it spans this many bytes of the
+ring, and goes on under a new lock: so the other side can copy big records while
+this side copies the next ones, as with single operations."""
 _RUN_MAX = 2048
 """Records with a payload up to this size are assembled into runs by
 :meth:`Ring.try_write_many` and read out of one block by :meth:`Ring.try_read_many`;
@@ -217,9 +221,10 @@ class Ring:
         return 1
 
     def try_write_many(self, records: Sequence[OutRecord], start: int = 0) -> int:
-        """Append ``records[start:]``, as many as fit now, in order, and publish them
-        together with one store of ``tail`` (one commit point for all of them, so a
-        crash before it leaves none visible). Return how many were appended.
+        """Append ``records[start:]``, as many as fit now (and up to about
+        :data:`_BATCH_BYTES` of ring), in order, and publish them together with one
+        store of ``tail`` (one commit point for all of them, so a crash before it
+        leaves none visible). Return how many were appended.
 
         Runs of records that need no wrap are assembled in a private buffer and
         copied into the ring at once; the bytes are the same as one
@@ -240,7 +245,8 @@ class Ring:
         pack = _pack_header
         zeros = _ZEROS
         count = 0
-        while count < limit:
+        stop_at = tail + _BATCH_BYTES  # publish at least this often: consumers copy meanwhile
+        while count < limit and (end < stop_at or not count):
             rtype, n, payload, parts = records[start + count]
             need = (n + 31) & ~15
             at = end & mask
@@ -357,8 +363,9 @@ class Ring:
         return None
 
     def try_read_many(self, max_records: int) -> list[Record] | None:
-        """Remove up to ``max_records`` of the oldest records, in order, with one store
-        of ``head`` (one commit point); None if the ring is empty. Validation as in
+        """Remove up to ``max_records`` of the oldest records (and up to about
+        :data:`_BATCH_BYTES` of ring), in order, with one store of ``head`` (one
+        commit point); None if the ring is empty. Validation as in
         :meth:`try_read`: a bad record raises CorruptChannel and consumes nothing.
 
         Small payloads are sliced out of one private copy of the bytes they occupy
@@ -383,7 +390,8 @@ class Ring:
         count = 0
         block = b""
         block_at = block_end = head  # ring positions of the copy (it never wraps)
-        while head != tail and count < max_records:
+        stop_at = head + _BATCH_BYTES  # release at least this often: producers refill meanwhile
+        while head != tail and count < max_records and (head < stop_at or not count):
             idx = head & mask
             n, rtype, _, _ = unpack(data, idx)
             size = (n + 31) & ~15

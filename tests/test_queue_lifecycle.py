@@ -120,6 +120,42 @@ def test_unnamed_queues_leave_nothing_behind(backend: str, mode: str, tmp_path: 
     wait_clean(baseline)
 
 
+def test_a_child_killed_right_after_fork_holds_nothing(backend: str) -> None:
+    """A forked child that dies at once, before any Python code of it runs (here: a
+    fork handler that kills it runs before shmchan's own), must not keep the queue
+    alive while its parent lives on: the holds taken for it die with it. (Before
+    this was fixed, the parent kept one extra hold for each such child until it
+    exited itself.)"""
+    baseline = snapshot()
+    code = f"""
+        import os, signal, sys
+        kill_child = False
+        os.register_at_fork(  # registered before shmchan's handlers, so it runs first
+            after_in_child=lambda: kill_child and os.kill(os.getpid(), signal.SIGKILL)
+        )
+        import shmchan
+        q = shmchan.Queue(backend={backend!r})
+        q.put("kept")
+        kill_child = True
+        pid = os.fork()
+        if pid == 0:
+            os._exit(3)  # never reached: the handler above kills the child
+        kill_child = False
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+        assert q.get(timeout=5) == "kept"
+        q.close()  # the last hold: the queue must go now, while this process lives
+        print("closed", flush=True)
+        sys.stdin.readline()
+    """
+    child = Child(code)
+    try:
+        child.expect("closed", timeout=60)
+        wait_clean(baseline, timeout=10)
+    finally:
+        child.kill()
+
+
 def test_attaching_process_never_destroys_the_queue(backend: str) -> None:
     """Regression guard for CPython gh-82300: a process that only attached, used the
     queue and exited must leave it intact for the others."""

@@ -207,3 +207,17 @@ def test_a_batch_writes_the_same_records_as_single_writes() -> None:
             assert got_one == got_many == [(L.RT_BYTES, r[2]) for r in records[i : i + k]]
             assert bytes(one_buf[: L.HEADER_SIZE]) == bytes(many_buf[: L.HEADER_SIZE])
             i += k
+
+
+def test_batches_commit_every_64_kib_so_both_sides_overlap() -> None:
+    """A batch of big records is published (and consumed) in slices of about 64 KiB,
+    each under its own lock, so the other side can copy while this one does."""
+    _, ring = make_ring(1 << 20)
+    records = [(L.RT_BYTES, 10_000, bytes([i]) * 10_000, ()) for i in range(20)]
+    assert ring.try_write_many(records) == 7  # 7 x 10,016 bytes: the first past 64 KiB
+    assert ring.try_write_many(records, 7) == 7
+    got = ring.try_read_many(100)
+    assert got is not None and len(got) == 7
+    assert [p[0] for _, p in got] == list(range(7))
+    big = [(L.RT_BYTES, 200_000, b"b" * 200_000, ())] * 3
+    assert ring.try_write_many(big) == 1  # one record over the slice still goes

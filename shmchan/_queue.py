@@ -315,6 +315,9 @@ class Queue(_QueueCore[T]):
         attribute says how many items went in (the first ones). With
         ``block=False`` it puts what fits now. Another producer's items never land
         between two items written under the same lock, but may between batches.
+        All items are encoded before the first is queued, so the whole batch is in
+        memory at once: pass batches of a sensible size (hundreds, not millions).
+        A Ctrl-C while it waits leaves the items already put in the queue.
         """
         self._put_many(objs, block, timeout)
 

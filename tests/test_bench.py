@@ -93,6 +93,10 @@ def test_quick_bench_writes_json(quick_run: QuickRun) -> None:
     assert rows[("C", "shmchan.Queue[posix]")]["p99_us"] > 0
     assert rows[("A-64B", "mp.Queue")]["msgs_per_s_x_mpq"] == pytest.approx(1.0)
     assert rows[("D", "mp.Pipe")]["skipped"]  # n/a with its reason
+    for workload in ("A-64B", "A-64KiB", "B", "D"):  # the batch row ran (D: surplus end markers)
+        assert rows[(workload, "shmchan.Queue[posix] batch")]["errors"] == []
+        assert rows[(workload, "shmchan.Queue[posix] batch")]["msgs_per_s"] > 0
+    assert rows[("C", "shmchan.Queue[posix] batch")]["skipped"]
     assert data["machine"]["cores"]
 
 

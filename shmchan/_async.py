@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -203,6 +203,43 @@ class AsyncQueue(Generic[T]):
             lambda: _objects.receive(q._core, q._impl, q._name, deadline_after(0.0)),
         )
         return item
+
+    async def put_many(self, items: Iterable[T]) -> None:
+        """Put every item of ``items`` in order, many per lock (see
+        :meth:`shmchan.Queue.put_many`), waiting (without blocking the loop) while
+        there is no room. If it is cancelled while it waits, the items already put
+        stay in the queue and the others are not sent."""
+        q = self._q
+        if q._closed:
+            raise q._closed_error()
+        core: ChannelCore = q._core
+        batch = _objects.prepare_many(core, q._impl, q._name, items)
+
+        def attempt() -> Any:
+            return _objects.attempt_many(core, batch, deadline_after(0.0)) or _objects.NOTHING
+
+        try:
+            while batch.done < len(batch):
+                await _until(core, Waiter.PRODUCER, attempt)
+        finally:
+            _objects.discard_rest(q._impl, q._name, batch)
+
+    async def get_many(self, max_items: int) -> list[T]:
+        """Remove and return between 1 and ``max_items`` of the oldest items under one
+        lock (see :meth:`shmchan.Queue.get_many`), waiting (without blocking the loop)
+        while the queue is empty. Cancelling it consumes nothing."""
+        q = self._q
+        if q._closed:
+            raise q._closed_error()
+        items: list[T] = await _until(
+            q._core,
+            Waiter.CONSUMER,
+            lambda: (
+                _objects.receive_many(q._core, q._impl, q._name, max_items, deadline_after(0.0))
+                or _objects.NOTHING
+            ),
+        )
+        return items
 
     def put_nowait(self, item: T) -> None:
         try:

@@ -102,21 +102,29 @@ def send(
     return sent
 
 
-def send_many(
-    core: ChannelCore,
-    impl: Backend,
-    name: str,
-    objs: Iterable[Any],
-    deadline: float | None,
-    raw: bool = False,
-    broken: Callable[[], bool] | None = None,
-) -> tuple[int, int]:
-    """Send every object of ``objs`` in order, as many per lock as fit, each batch
-    published with one commit. Everything is encoded first, so an object that
-    cannot be pickled raises before anything is sent. Return ``(sent, total)``:
-    ``sent < total`` when ``deadline`` passed first (the first ``sent`` went in)."""
+class Batch:
+    """Messages ready to be queued together: their records, the side segments of the
+    ones that needed one, and how many have been queued so far (``done``)."""
+
+    __slots__ = ("done", "records", "spilled", "write")
+
+    def __init__(self, core: ChannelCore, records: list[OutRecord], spilled: list[tuple[int, Outgoing]]):
+        self.records = records
+        self.spilled = spilled  # (index, message) of side-segment messages
+        self.done = 0
+        self.write = functools.partial(core.ring.try_write_many, records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def prepare_many(
+    core: ChannelCore, impl: Backend, name: str, objs: Iterable[Any], raw: bool = False
+) -> Batch:
+    """Encode every object of ``objs`` (as :func:`prepare` does each); raises whatever
+    pickling raises, and nothing has been sent then."""
     records: list[OutRecord] = []
-    spilled: list[tuple[int, Outgoing]] = []  # (index, message) of side-segment messages
+    spilled: list[tuple[int, Outgoing]] = []
     max_payload = core.max_payload
     try:
         for obj in objs:
@@ -139,19 +147,46 @@ def send_many(
         for _, out in spilled:
             discard(impl, name, out)
         raise
-    done = 0
-    write = functools.partial(core.ring.try_write_many, records)
+    return Batch(core, records, spilled)
+
+
+def attempt_many(
+    core: ChannelCore, batch: Batch, deadline: float | None, broken: Callable[[], bool] | None = None
+) -> int:
+    """Queue the next messages of ``batch`` (as many as fit, under one lock) before
+    ``deadline``; return how many (0 if there was no room)."""
+    sent = core.send(batch.write, batch.done, deadline, broken)
+    batch.done += sent
+    return sent
+
+
+def discard_rest(impl: Backend, name: str, batch: Batch) -> None:
+    """Drop the side segments of the messages of ``batch`` that were not queued."""
+    for i, out in batch.spilled:
+        if i >= batch.done:
+            discard(impl, name, out)
+
+
+def send_many(
+    core: ChannelCore,
+    impl: Backend,
+    name: str,
+    objs: Iterable[Any],
+    deadline: float | None,
+    raw: bool = False,
+    broken: Callable[[], bool] | None = None,
+) -> tuple[int, int]:
+    """Send every object of ``objs`` in order, as many per lock as fit, each batch
+    published with one commit. Everything is encoded first, so an object that
+    cannot be pickled raises before anything is sent. Return ``(sent, total)``:
+    ``sent < total`` when ``deadline`` passed first (the first ``sent`` went in)."""
+    batch = prepare_many(core, impl, name, objs, raw)
     try:
-        while done < len(records):
-            sent = core.send(write, done, deadline, broken)
-            if not sent:
-                break
-            done += sent
+        while batch.done < len(batch) and attempt_many(core, batch, deadline, broken):
+            pass
     finally:
-        for i, out in spilled:
-            if i >= done:
-                discard(impl, name, out)
-    return done, len(records)
+        discard_rest(impl, name, batch)
+    return batch.done, len(batch)
 
 
 NOTHING: Any = object()

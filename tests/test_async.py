@@ -157,6 +157,50 @@ async def test_async_q_on_a_closed_queue_raises_value_error(backend: str, name: 
         await aq.get()
 
 
+async def test_async_batches(backend: str, name: str) -> None:
+    """put_many/get_many on the async face: the sync calls' semantics, and a batch
+    bigger than the ring waits for room without blocking the loop."""
+    with (
+        queue_named(backend, name, capacity=4096) as q,
+        queue_named(backend, name, cls=shmchan.Queue.open) as other,
+    ):
+        await q.async_q.put_many([1, ("two", 2.0), b"three"])
+        assert other.get_many(10, timeout=5) == [1, ("two", 2.0), b"three"]
+        other.put_many(range(5))
+        assert await q.async_q.get_many(3) == [0, 1, 2]
+        assert await q.async_q.get_many(10) == [3, 4]
+        items = [bytes([i]) * 300 for i in range(100)]  # about 8 rings' worth
+        got: list[bytes] = []
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(q.async_q.put_many, items)
+                while len(got) < len(items):
+                    got += await anyio.to_thread.run_sync(other.get_many, 7, True, 10)
+        assert got == items
+        with pytest.raises(ValueError):
+            await q.async_q.get_many(0)
+
+
+async def test_cancelled_async_batches_lose_nothing(backend: str, name: str) -> None:
+    with (
+        queue_named(backend, name, capacity=4096) as q,
+        queue_named(backend, name, cls=shmchan.Queue.open) as other,
+    ):
+        with anyio.move_on_after(0.2) as scope:  # an empty queue: the get_many waits
+            await q.async_q.get_many(5)
+        assert scope.cancelled_caught
+        other.put("kept")
+        assert other.get_many(5, timeout=5) == ["kept"]  # the cancelled get took nothing
+        items = [bytes([i]) * 1000 for i in range(10)]  # more than the ring holds
+        with anyio.move_on_after(0.2) as scope:
+            await q.async_q.put_many(items)
+        assert scope.cancelled_caught
+        sent = other.get_many(100, timeout=5)
+        assert 0 < len(sent) < len(items) and sent == items[: len(sent)]  # a prefix, in order
+        with pytest.raises(shmchan.Empty):
+            other.get_many(100, timeout=0.1)  # and nothing more arrives later
+
+
 async def test_task_done_and_join(backend: str, name: str) -> None:
     with queue_named(backend, name, cls=shmchan.JoinableQueue) as q:
         aq = q.async_q

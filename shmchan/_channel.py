@@ -306,9 +306,9 @@ class Channel:
             self._core, self._impl, self._name, objs, deadline, broken=self._broken_waiting
         )
         if sent < total:
-            exc = Full(f"channel {self._name!r}: {sent} of {total} messages were sent before the deadline")
-            exc.sent = sent
-            raise exc
+            raise Full(
+                f"channel {self._name!r}: {sent} of {total} messages were sent before the deadline", sent=sent
+            )
 
     def _broken(self) -> bool:
         """Cheap check before a send. While the header counts open readers, ask the

@@ -75,7 +75,9 @@ class Full(ShmchanError, queue.Full):
     like ``multiprocessing``'s.
     """
 
-    sent: int = 0
+    def __init__(self, *args: object, sent: int = 0) -> None:
+        super().__init__(*args)
+        self.sent = sent
 
 
 class MessageTooLarge(ShmchanError, ValueError):

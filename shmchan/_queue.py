@@ -166,9 +166,7 @@ class _QueueCore(Generic[T]):
         deadline = deadline_after(check_timeout(timeout)) if block else deadline_after(0.0)
         sent, total = _objects.send_many(self._core, self._impl, self._name, objs, deadline)
         if sent < total:
-            exc = Full(f"{sent} of {total} items were put before the deadline")
-            exc.sent = sent
-            raise exc
+            raise Full(f"{sent} of {total} items were put before the deadline", sent=sent)
 
     def _get_many(self, max_items: int, block: bool, timeout: float | None) -> list[Any]:
         if self._closed:

@@ -10,6 +10,7 @@ from ._async import aselect
 from ._backends import BACKENDS, DEFAULT_BACKEND, available_backends
 from ._channel import DEFAULT_CAPACITY, Channel
 from ._errors import (
+    AccessDenied,
     BackendUnavailable,
     BrokenChannel,
     ChannelExists,
@@ -26,8 +27,10 @@ from ._errors import (
     NoSpace,
     NotAShmchanSegment,
     ShmchanError,
+    TooManyPeers,
     UndecodableBatch,
     UndecodableMessage,
+    UntrustedChannel,
     WrongMode,
 )
 from ._layout import LAYOUT_MAJOR as _MAJOR
@@ -45,6 +48,7 @@ __all__ = (
     "DEFAULT_CAPACITY",
     "DEFAULT_QUEUE_CAPACITY",
     "LAYOUT_VERSION",
+    "AccessDenied",
     "BackendUnavailable",
     "BrokenChannel",
     "Channel",
@@ -65,8 +69,10 @@ __all__ = (
     "Queue",
     "ShmchanError",
     "SimpleQueue",
+    "TooManyPeers",
     "UndecodableBatch",
     "UndecodableMessage",
+    "UntrustedChannel",
     "WrongMode",
     "__version__",
     "aselect",

@@ -1,19 +1,23 @@
 """The async face, on anyio (asyncio and trio): ``q.async_q``, ``ch.aio``, ``aselect``.
 
-Every async operation is the sync core's non-blocking attempt, run in the event
-loop's thread, plus a way to wait between attempts:
+Every async operation is the compiled core's non-blocking attempt, one call made in the
+event loop's thread, plus a way to wait between attempts:
 
 * **Fast path, no thread hop.** When there is data (or room), the attempt succeeds at
   once and the coroutine returns without awaiting anything after it. So a
   cancellation can only land *between* attempts, when nothing has been taken: a
   message is never lost or duplicated by cancelling a receive (or a send).
+* **Never blocking the loop.** An attempt never waits for a lock (F_NOGRACE): if
+  another process holds it (even one that is stopped), the task sleeps asynchronously
+  and tries again.
 * **Waiting without a thread per task.** The tasks of one event loop that wait on the
   same side of the same channel share a :class:`_Gate`: one registration in the
-  channel's waiter counter, and one *leader* task whose helper thread sleeps on the
-  channel's semaphore for at most one wait slice; every other task waits on an
+  channel's waiter bitmap, and one *leader* task whose helper thread sleeps on the
+  channel's event counter for at most one wait slice; every other task waits on an
   anyio Event that the leader sets when its thread returns. A thousand waiting tasks
-  cost one thread, and the thread ends within :data:`~shmchan._core.WAIT_SLICE` of
-  its last use (after cancellation or loop shutdown too).
+  cost one thread, and the thread ends within :data:`~shmchan._core.WAIT_SLICE` of its
+  last use (after cancellation or loop shutdown too). An event counter holds no token,
+  so an abandoned helper thread never takes a wakeup away from anyone.
 * **Timeouts are cancel scopes** (``anyio.fail_after``, ``trio.move_on_after``,
   ``asyncio.wait_for``): the operations take no timeout argument.
 """
@@ -31,11 +35,8 @@ import anyio.abc
 import anyio.from_thread
 import anyio.lowlevel
 
-from . import _objects
-from ._backends._base import Wakeup
-from ._core import WAIT_SLICE, ChannelCore, Waiter
+from ._core import BUSY, EV_JOINED, EV_NOT_EMPTY, EV_NOT_FULL, F_NOGRACE, NOTHING, WAIT_SLICE
 from ._errors import BrokenChannel, ClosedChannel, Empty, EndOfChannel, Full, WrongMode
-from ._fence import deadline_after
 
 T = TypeVar("T")
 
@@ -53,23 +54,19 @@ class AsyncQueueFull(Full, asyncio.QueueFull):
 # -- waiting -------------------------------------------------------------------------------
 
 
-async def _sleep_in_thread(wakeup: Wakeup) -> None:
-    """Sleep on ``wakeup`` for at most one wait slice, in a short-lived thread."""
+async def _sleep_in_thread(core: Any, event: int, seen: int) -> None:
+    """Sleep until ``event``'s counter moves from ``seen``, for at most one wait slice,
+    in a short-lived thread."""
     token = anyio.lowlevel.current_token()
     done = anyio.Event()
     abandoned = False
 
     def run() -> None:
-        try:
-            got = wakeup.wait(WAIT_SLICE)
-        except Exception:  # noqa: BLE001 - removed or closed: the task's retry will say so
-            got = False
+        with contextlib.suppress(Exception):  # closed meanwhile: the task's retry will say so
+            core.wait(event, seen, WAIT_SLICE)
         if not abandoned:
             with contextlib.suppress(Exception):  # the event loop may have gone away
                 anyio.from_thread.run_sync(done.set, token=token)
-                return
-        if got:
-            wakeup.post()  # a token nobody here will act on: give it back
 
     threading.Thread(target=run, name="shmchan-async-wait", daemon=True).start()
     try:
@@ -80,12 +77,11 @@ async def _sleep_in_thread(wakeup: Wakeup) -> None:
 
 
 class _Gate:
-    """The tasks of one event loop waiting on one side of one channel."""
+    """The tasks of one event loop waiting on one event of one channel handle."""
 
-    def __init__(self, core: ChannelCore, waiter: Waiter) -> None:
+    def __init__(self, core: Any, event: int) -> None:
         self.core = core
-        self.waiter = waiter
-        self.wakeup = core.wakeup_for(waiter)
+        self.event = event
         self.refs = 0
         self.leader = False
         self.round = anyio.Event()
@@ -93,78 +89,70 @@ class _Gate:
     def enter(self) -> None:
         self.refs += 1
         if self.refs == 1:
-            self.core.register(self.waiter)
+            self.core.register(self.event, 1)
 
     def exit(self) -> None:
         self.refs -= 1
         if self.refs == 0:
-            self.core.unregister(self.waiter)
+            self.core.register(self.event, -1)
 
-    async def wait(self) -> None:
-        """Return after a wakeup, or after at most one wait slice."""
+    async def wait(self, seen: int) -> None:
+        """Return after the counter moved from ``seen``, or after at most one slice."""
         if self.leader:
             await self.round.wait()
             return
         self.leader = True
         try:
-            await _sleep_in_thread(self.wakeup)
+            await _sleep_in_thread(self.core, self.event, seen)
         finally:
             self.leader = False
             finished, self.round = self.round, anyio.Event()
             finished.set()  # every follower tries again
 
 
-def _gate(core: ChannelCore, waiter: Waiter) -> _Gate:
+_gates: dict[tuple[int, int, int], tuple[Any, Any, _Gate]] = {}
+
+
+def _gate(core: Any, event: int) -> _Gate:
     loop = anyio.lowlevel.current_token().native_token
-    key = (waiter, id(loop))
-    gate = core.async_gates.get(key)
-    if gate is None or gate[0] is not loop:
-        for old in [k for k, (_, g) in core.async_gates.items() if g.refs == 0]:
-            del core.async_gates[old]  # gates of event loops that are gone
-        gate = core.async_gates[key] = (loop, _Gate(core, waiter))
-    result: _Gate = gate[1]
-    return result
+    key = (id(core), event, id(loop))
+    entry = _gates.get(key)
+    if entry is None or entry[0] is not core or entry[1] is not loop:
+        for old in [k for k, (_, _, g) in _gates.items() if g.refs == 0]:
+            del _gates[old]  # gates of handles or event loops that are gone
+        entry = _gates[key] = (core, loop, _Gate(core, event))
+    return entry[2]
 
 
-async def _until(core: ChannelCore, waiter: Waiter, attempt: Callable[[], Any]) -> Any:
-    """Run ``attempt`` (which returns NOTHING when it must wait) until it succeeds."""
+async def _until(core: Any, event: int, attempt: Callable[[], Any]) -> Any:
+    """Run ``attempt`` (which returns NOTHING while it must wait for data or room, and
+    BUSY while a lock is held elsewhere) until it succeeds."""
     await anyio.lowlevel.checkpoint_if_cancelled()
     value = attempt()
-    if value is not _objects.NOTHING:
+    if value is not NOTHING and value is not BUSY:
         return value
-    if waiter is Waiter.CONSUMER and core.spin_budget_recv:
-        # The sync face's adaptive spin (at most 100 µs, usually far less, and it
-        # shrinks when it does not pay): a thread wakeup costs much more than that.
-        core.spin_recv()
+    if event == EV_NOT_EMPTY and value is NOTHING and core.spin_readable():
+        # The core's adaptive spin (at most 100 µs, usually far less, and it shrinks
+        # when it does not pay): a thread wakeup costs much more than that.
         value = attempt()
-        if value is not _objects.NOTHING:
+        if value is not NOTHING and value is not BUSY:
             return value
-    gate = _gate(core, waiter)
+    gate = _gate(core, event)
     gate.enter()
+    delay = 0.0002
     try:
         while True:
+            seen = core.seq(event)
             value = attempt()  # again after registering: no wakeup can be missed
-            if value is not _objects.NOTHING:
+            if value is NOTHING:
+                await gate.wait(seen)
+            elif value is BUSY:
+                await anyio.sleep(delay)  # a lock held elsewhere: never block the loop
+                delay = min(delay * 2, 0.01)
+            else:
                 return value
-            await gate.wait()
     finally:
         gate.exit()
-
-
-async def _send(
-    core: ChannelCore,
-    out: _objects.Outgoing,
-    discard: Callable[[], None],
-    broken: Callable[[], bool] | None = None,
-) -> None:
-    def attempt() -> Any:
-        return True if _objects.attempt(core, out, deadline_after(0.0), broken) else _objects.NOTHING
-
-    try:
-        await _until(core, Waiter.PRODUCER, attempt)
-    except BaseException:
-        discard()  # cancelled, or failed: the message was not sent
-        raise
 
 
 # -- the asyncio.Queue-shaped view of a Queue ------------------------------------------
@@ -184,24 +172,26 @@ class AsyncQueue(Generic[T]):
         maxsize: int = self._q._maxsize
         return maxsize
 
-    async def put(self, item: T) -> None:
-        """Put ``item``, waiting (without blocking the event loop) while it is full."""
+    def _core(self) -> Any:
         q = self._q
         if q._closed:
             raise q._closed_error()
-        out = _objects.prepare(q._core, q._impl, q._name, item)
-        await _send(q._core, out, lambda: _objects.discard(q._impl, q._name, out))
+        return q._core
+
+    async def put(self, item: T) -> None:
+        """Put ``item``, waiting (without blocking the event loop) while it is full."""
+        core = self._core()
+
+        def attempt() -> Any:
+            done = core.put(item, 0.0, F_NOGRACE)
+            return NOTHING if done is False else done
+
+        await _until(core, EV_NOT_FULL, attempt)
 
     async def get(self) -> T:
         """Remove and return an item, waiting (without blocking the loop) while empty."""
-        q = self._q
-        if q._closed:
-            raise q._closed_error()
-        item: T = await _until(
-            q._core,
-            Waiter.CONSUMER,
-            lambda: _objects.receive(q._core, q._impl, q._name, deadline_after(0.0)),
-        )
+        core = self._core()
+        item: T = await _until(core, EV_NOT_EMPTY, lambda: core.get(0.0, F_NOGRACE))
         return item
 
     async def put_many(self, items: Iterable[T]) -> None:
@@ -209,36 +199,34 @@ class AsyncQueue(Generic[T]):
         :meth:`shmchan.Queue.put_many`), waiting (without blocking the loop) while
         there is no room. If it is cancelled while it waits, the items already put
         stay in the queue and the others are not sent."""
-        q = self._q
-        if q._closed:
-            raise q._closed_error()
-        core: ChannelCore = q._core
-        batch = _objects.prepare_many(core, q._impl, q._name, items)
+        core = self._core()
+        rest = list(items)
 
         def attempt() -> Any:
-            return _objects.attempt_many(core, batch, deadline_after(0.0)) or _objects.NOTHING
+            nonlocal rest
+            sent = core.put_many(rest, 0.0, F_NOGRACE)
+            if sent is BUSY:
+                return BUSY
+            rest = rest[sent:]
+            return NOTHING if rest else True
 
-        try:
-            while batch.done < len(batch):
-                await _until(core, Waiter.PRODUCER, attempt)
-        finally:
-            _objects.discard_rest(q._impl, q._name, batch)
+        if rest:
+            await _until(core, EV_NOT_FULL, attempt)
 
     async def get_many(self, max_items: int) -> list[T]:
         """Remove and return between 1 and ``max_items`` of the oldest items under one
         lock (see :meth:`shmchan.Queue.get_many`), waiting (without blocking the loop)
         while the queue is empty. Cancelling it consumes nothing."""
-        q = self._q
-        if q._closed:
-            raise q._closed_error()
-        items: list[T] = await _until(
-            q._core,
-            Waiter.CONSUMER,
-            lambda: (
-                _objects.receive_many(q._core, q._impl, q._name, max_items, deadline_after(0.0))
-                or _objects.NOTHING
-            ),
-        )
+        from ._channel import _check_max_items
+
+        _check_max_items(max_items)
+        core = self._core()
+
+        def attempt() -> Any:
+            got = core.get_many(max_items, 0.0, F_NOGRACE)
+            return NOTHING if isinstance(got, list) and not got else got
+
+        items: list[T] = await _until(core, EV_NOT_EMPTY, attempt)
         return items
 
     def put_nowait(self, item: T) -> None:
@@ -273,12 +261,8 @@ class AsyncQueue(Generic[T]):
         q = self._q
         if not hasattr(q, "task_done"):
             raise AttributeError("join() needs a JoinableQueue")
-        if q._closed:
-            raise q._closed_error()
-        core: ChannelCore = q._core
-        await _until(
-            core, Waiter.JOINER, lambda: True if core.join(deadline_after(0.0)) else _objects.NOTHING
-        )
+        core = self._core()
+        await _until(core, EV_JOINED, lambda: True if core.unfinished() == 0 else NOTHING)
 
 
 # -- a Channel as an anyio object stream ------------------------------------------------------
@@ -304,11 +288,14 @@ class ChannelStream(anyio.abc.ObjectStream[Any]):
     async def send(self, item: Any) -> None:
         ch = self._ch
         try:
-            ch._writable()
-            if ch._broken():
-                raise BrokenChannel(f"channel {ch.name!r}: every reader is gone")
-            out = _objects.prepare(ch._core, ch._impl, ch._name, item)
-            await _send(ch._core, out, lambda: _objects.discard(ch._impl, ch._name, out), ch._broken_waiting)
+            flags = ch._writable() | F_NOGRACE
+            core = ch._core
+
+            def attempt() -> Any:
+                done = core.put(item, 0.0, flags)
+                return NOTHING if done is False else done
+
+            await _until(core, EV_NOT_FULL, attempt)
         except (ClosedChannel, WrongMode) as exc:
             raise anyio.ClosedResourceError from exc
         except BrokenChannel as exc:
@@ -317,12 +304,9 @@ class ChannelStream(anyio.abc.ObjectStream[Any]):
     async def receive(self) -> Any:
         ch = self._ch
         try:
-            eof = ch._readable()
-            return await _until(
-                ch._core,
-                Waiter.CONSUMER,
-                lambda: _objects.receive(ch._core, ch._impl, ch._name, deadline_after(0.0), eof),
-            )
+            flags = ch._readable() | F_NOGRACE
+            core = ch._core
+            return await _until(core, EV_NOT_EMPTY, lambda: core.get(0.0, flags))
         except EndOfChannel:
             raise anyio.EndOfStream from None
         except (ClosedChannel, WrongMode) as exc:
@@ -346,35 +330,47 @@ async def aselect(*sources: Any) -> tuple[Any, Any]:
     Exactly one item is consumed; cancelling consumes none. Use a cancel scope for a
     timeout. Raises EndOfChannel once every source is a channel at end of stream.
     """
-    from ._select import check_sources, next_start, try_each
+    from ._select import check_sources, next_start, try_each, try_each_ready
 
     check_sources(sources)
     await anyio.lowlevel.checkpoint_if_cancelled()
+    cores = [s._core for s in sources]
     while True:
         found = try_each(sources, next_start())
         if found is not None:
             return found
-        await _wait_any([s._core for s in sources])
-
-
-async def _wait_any(cores: Sequence[ChannelCore]) -> None:
-    """Return once any of ``cores`` was posted, or within one wait slice."""
-    gates = [_gate(core, Waiter.CONSUMER) for core in cores]
-    for gate in gates:
-        gate.enter()
-    try:
-        from ._select import try_each_ready
-
-        if try_each_ready(cores):  # re-check after registering
-            return
-        async with anyio.create_task_group() as tg:
-
-            async def one(gate: _Gate) -> None:
-                await gate.wait()
-                tg.cancel_scope.cancel()
-
-            for gate in gates:
-                tg.start_soon(one, gate)
-    finally:
+        gates = [_gate(core, EV_NOT_EMPTY) for core in cores]
         for gate in gates:
-            gate.exit()
+            gate.enter()
+        try:
+            seqs = [core.seq(EV_NOT_EMPTY) for core in cores]
+            if try_each_ready(cores):  # re-check after registering
+                continue
+            await _wait_any(cores, seqs)
+        finally:
+            for gate in gates:
+                gate.exit()
+
+
+async def _wait_any(cores: Sequence[Any], seqs: list[int]) -> None:
+    """Return once any of ``cores`` was posted, or within one wait slice (one helper
+    thread, FUTEX_WAITV)."""
+    from . import _cext
+
+    token = anyio.lowlevel.current_token()
+    done = anyio.Event()
+    abandoned = False
+
+    def run() -> None:
+        with contextlib.suppress(Exception):
+            _cext.wait_any(cores, seqs, WAIT_SLICE)
+        if not abandoned:
+            with contextlib.suppress(Exception):
+                anyio.from_thread.run_sync(done.set, token=token)
+
+    threading.Thread(target=run, name="shmchan-aselect-wait", daemon=True).start()
+    try:
+        await done.wait()
+    except BaseException:
+        abandoned = True
+        raise

@@ -1,30 +1,28 @@
-"""The public named byte channel: a thin face over :class:`shmchan._core.ChannelCore`."""
+"""The public named channel: a thin face over the compiled core (:mod:`shmchan._core`)."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Any, Final, Self
 
+from . import _core
 from . import _layout as L
-from . import _objects
 from ._backends import DEFAULT_BACKEND, get_backend
-from ._backends._base import DEFAULT_OPEN_TIMEOUT, READER, WRITER, check_permissions
-from ._core import ChannelCore
+from ._backends._base import DEFAULT_OPEN_TIMEOUT, CreateParams, check_permissions
+from ._core import F_BROKEN, F_EOF, F_RAW, NOTHING, READER, WRITER, deadline_after
 from ._errors import (
     BrokenChannel,
     ClosedChannel,
     Empty,
     EndOfChannel,
     Full,
-    MessageTooLarge,
     ShmchanError,
     WrongMode,
 )
-from ._fence import deadline_after
 
 __all__ = ("DEFAULT_CAPACITY", "Channel")
 
@@ -45,17 +43,6 @@ def check_timeout(timeout: float | None) -> float | None:
     if math.isnan(timeout) or timeout < 0:
         raise ValueError("'timeout' must be a non-negative number")
     return float(timeout)
-
-
-def as_byte_view(data: Any) -> memoryview:
-    """A flat, C-contiguous byte view of any bytes-like object (copying only if it is
-    not contiguous). Raises TypeError for objects without the buffer protocol."""
-    view = memoryview(data)
-    if view.c_contiguous:
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
-        return view
-    return memoryview(view.tobytes())
 
 
 def geometry(capacity: int, max_message: int | None) -> tuple[int, int]:
@@ -97,24 +84,37 @@ class Channel:
     with the same mode. Handles survive ``os.fork()``: the child re-attaches on its own.
     :attr:`aio` is the same handle as an anyio object stream, for asyncio and trio.
 
+    Trust: :meth:`open` refuses a channel that another user owns or may write, since
+    receiving unpickles what was sent (docs/security.md); ``allow_foreign=True`` opts in.
+
     Crash behaviour (docs/layout.md, "Crash safety"): a process killed at any instant
-    never leaves a torn message visible and never blocks the others for more than
-    about :data:`shmchan._core.WAIT_SLICE`. A sender killed before its send returned
-    may or may not have delivered that message; a receiver killed inside a receive
-    either leaves the message for another receiver or takes it with it.
+    never leaves a torn message visible, never leaves a lock held (another process takes
+    it over within about 10 ms), and never blocks the others for more than about
+    :data:`shmchan._core.WAIT_SLICE`. A sender killed before its send returned may or may
+    not have delivered that message; a receiver killed inside a receive either leaves
+    the message for another receiver or takes it with it.
     """
 
-    __slots__ = ("__weakref__", "_backend", "_broken_checked", "_closed", "_core", "_impl", "_mode", "_name")
+    __slots__ = (
+        "__weakref__",
+        "_allow_foreign",
+        "_backend",
+        "_broken_checked",
+        "_closed",
+        "_core",
+        "_mode",
+        "_name",
+    )
 
-    def __init__(self, core: ChannelCore, backend: str, mode: str) -> None:
+    def __init__(self, core: Any, backend: str, mode: str, allow_foreign: bool = False) -> None:
         """Use :meth:`create` or :meth:`open`."""
         self._core = core
         self._backend = backend
-        self._impl = get_backend(backend)
-        self._name = core.seg.name
+        self._name: str = core.name
         self._mode = mode
         self._closed = False
         self._broken_checked = 0.0
+        self._allow_foreign = allow_foreign
         try:
             if "w" in mode:
                 core.enter_role(WRITER)
@@ -143,21 +143,21 @@ class Channel:
         least 4096); ``max_message`` the largest payload :meth:`send_bytes` accepts
         (default and maximum: about half the capacity, which guarantees that an empty
         ring always accepts a largest message; :meth:`send` takes objects of any
-        size). The memory is allocated now, and the segment and its semaphores get
-        exactly ``permissions``, whatever the umask. ``mode`` is this handle's rights.
+        size). The memory is allocated now, and the segment gets exactly
+        ``permissions``, whatever the umask. ``mode`` is this handle's rights.
 
         Raises:
             ChannelExists: the name is taken.
             NoSpace: the OS cannot back the memory (nothing is left behind).
+            AccessDenied: the OS refused (e.g. the mmap backend's directory).
             ValueError: bad name, sizes, permissions or mode.
             BackendUnavailable: unknown or unusable backend.
         """
         _check_mode(mode)
         cap, max_record = geometry(capacity, max_message)
         perms = check_permissions(permissions)
-        impl = get_backend(backend)
-        seg = impl.create(name, cap, max_record, perms)
-        return cls(ChannelCore(seg), backend, mode)
+        core = _core.create(backend, name, CreateParams(cap, max_record, perms))
+        return cls(core, backend, mode)
 
     @classmethod
     def open(
@@ -167,6 +167,7 @@ class Channel:
         backend: str = DEFAULT_BACKEND,
         timeout: float = DEFAULT_OPEN_TIMEOUT,
         mode: str = "rw",
+        allow_foreign: bool = False,
     ) -> Channel:
         """Attach to the existing channel ``name`` with ``mode`` "r", "w" or "rw".
 
@@ -174,22 +175,26 @@ class Channel:
 
         Raises:
             ChannelNotFound: no such channel.
+            UntrustedChannel: another user owns it or may write it (receiving would
+                run what they wrote); pass ``allow_foreign=True`` to share on purpose.
+            AccessDenied: its permissions do not admit this user.
             InitializationTimeout: it exists but was never published.
             NotAShmchanSegment, IncompatibleLayout, CorruptChannel: it is not a
-                usable v1 channel (checked before any of its memory is trusted).
+                usable channel (checked before any of its memory is trusted).
+            TooManyPeers: every peer slot is held by a live handle.
         """
         _check_mode(mode)
-        impl = get_backend(backend)
-        seg = impl.open(name, check_timeout(timeout) or 0.0)
-        return cls(ChannelCore(seg), backend, mode)
+        core = _core.attach(backend, name, check_timeout(timeout) or 0.0, allow_foreign)
+        return cls(core, backend, mode, allow_foreign)
 
     @staticmethod
     def remove(name: str, *, backend: str = DEFAULT_BACKEND) -> None:
-        """Remove channel ``name`` and its semaphores from the system.
+        """Remove channel ``name`` (its memory and side segments) from the system.
 
         On the posix and mmap backends, handles that are open keep working; on sysv
-        they raise ChannelNotFound (SysV semaphores die at once). New :meth:`open`
-        calls fail. Raises ChannelNotFound if there is no such channel.
+        their presence checks fail (SysV objects die at once). New :meth:`open` calls
+        fail. It works on a channel whose header is corrupt or was never published.
+        Raises ChannelNotFound if there is no such channel.
         """
         get_backend(backend).remove(name)
 
@@ -214,12 +219,14 @@ class Channel:
     @property
     def capacity(self) -> int:
         """Ring size in bytes."""
-        return self._core.seg.info.capacity
+        capacity: int = self._core.capacity
+        return capacity
 
     @property
     def max_message(self) -> int:
         """Largest payload, in bytes, that :meth:`send_bytes` accepts."""
-        return self._core.max_payload
+        size: int = self._core.max_payload
+        return size
 
     @property
     def closed(self) -> bool:
@@ -249,11 +256,11 @@ class Channel:
             CorruptChannel: the channel was found corrupt.
             (and whatever pickling ``obj`` raises)
         """
-        self._send(obj, check_timeout(timeout), raw=False)
+        self._send(obj, check_timeout(timeout), 0)
 
     def send_nowait(self, obj: Any) -> None:
         """Send without waiting for room; raise :class:`Full` if there is none."""
-        self._send(obj, 0.0, raw=False)
+        self._send(obj, 0.0, 0)
 
     def send_bytes(self, data: Any, timeout: float | None = None) -> None:
         """Send one message of raw bytes: any bytes-like object (bytes, bytearray,
@@ -261,33 +268,28 @@ class Channel:
 
         As :meth:`send`, plus MessageTooLarge (raised at once) for a larger message.
         """
-        self._send(data, check_timeout(timeout), raw=True)
+        self._send(data, check_timeout(timeout), F_RAW)
 
     def send_bytes_nowait(self, data: Any) -> None:
         """Send bytes without waiting for room; raise :class:`Full` if there is none."""
-        self._send(data, 0.0, raw=True)
+        self._send(data, 0.0, F_RAW)
 
-    def _writable(self) -> None:
+    def _writable(self) -> int:
+        """Check the handle may send; return the flags for the core."""
         if self._closed:
             raise ClosedChannel(f"channel handle {self._name!r} is closed")
         if "w" not in self._mode:
             raise WrongMode(f"channel handle {self._name!r} has mode {self._mode!r}: it cannot send")
-
-    def _send(self, data: Any, timeout: float | None, raw: bool) -> None:
-        self._writable()
-        if raw:
-            view = as_byte_view(data)
-            if view.nbytes > self._core.max_payload:
-                raise MessageTooLarge(
-                    f"message of {view.nbytes} bytes exceeds this channel's max_message "
-                    f"({self._core.max_payload} bytes)"
-                )
-            data = view
+        if "r" in self._mode:
+            return 0
         if self._broken():
             raise BrokenChannel(f"channel {self._name!r}: every reader is gone")
-        deadline = deadline_after(timeout)
-        if not _objects.send(self._core, self._impl, self._name, data, deadline, raw, self._broken_waiting):
-            raise Full(f"channel {self._name!r} stayed full for {timeout:g} s")
+        return F_BROKEN
+
+    def _send(self, data: Any, timeout: float | None, flags: int) -> None:
+        flags |= self._writable()
+        if not self._core.put(data, deadline_after(timeout), flags):
+            raise Full(f"channel {self._name!r} stayed full for {timeout} s")
 
     def send_many(self, objs: Iterable[Any], timeout: float | None = None) -> None:
         """Send every object of ``objs`` in order: like one :meth:`send` each, but
@@ -298,16 +300,13 @@ class Channel:
         seconds in all; then raises :class:`Full`, whose ``sent`` attribute says how
         many went in (the first ones). Raises as :meth:`send` otherwise.
         """
-        self._writable()
-        if self._broken():
-            raise BrokenChannel(f"channel {self._name!r}: every reader is gone")
-        deadline = deadline_after(check_timeout(timeout))
-        sent, total = _objects.send_many(
-            self._core, self._impl, self._name, objs, deadline, broken=self._broken_waiting
-        )
-        if sent < total:
+        flags = self._writable()
+        items = objs if isinstance(objs, (list, tuple)) else list(objs)
+        sent = self._core.put_many(items, deadline_after(check_timeout(timeout)), flags)
+        if sent < len(items):
             raise Full(
-                f"channel {self._name!r}: {sent} of {total} messages were sent before the deadline", sent=sent
+                f"channel {self._name!r}: {sent} of {len(items)} messages were sent before the deadline",
+                sent=sent,
             )
 
     def _broken(self) -> bool:
@@ -315,18 +314,16 @@ class Channel:
         kernel at most every BROKEN_RECHECK seconds (for readers that died); once
         the count is 0 (every counted reader closed), ask it on every send (a
         forked child may still hold an inherited reader handle)."""
-        ring = self._core.ring
-        if "r" in self._mode or not ring.role_seen(READER):
+        core = self._core
+        if not core.role_seen(READER):
             return False
-        if ring.role_open(READER) > 0:
+        if core.role_open(READER) > 0:
             now = time.monotonic()
             if now - self._broken_checked < BROKEN_RECHECK:
                 return False
             self._broken_checked = now
-        return self._core.readers_gone()
-
-    def _broken_waiting(self) -> bool:
-        return "r" not in self._mode and self._core.readers_gone()
+        gone: bool = core.role_gone(READER)
+        return gone
 
     def send_eof(self) -> None:
         """Give up this handle's write rights: once no handle anywhere has them,
@@ -341,10 +338,10 @@ class Channel:
     def recv(self, timeout: float | None = None) -> Any:
         """Receive the oldest message, as the object that was sent.
 
-        Blocks while the channel is empty, sleeping on a semaphore, for at most
-        ``timeout`` seconds (None: no limit; 0: do not wait). If it raises Empty or
-        is interrupted (Ctrl-C), nothing was consumed. A message sent with
-        :meth:`send_bytes` (or by a non-Python peer) arrives as ``bytes``.
+        Blocks while the channel is empty, sleeping, for at most ``timeout`` seconds
+        (None: no limit; 0: do not wait). If it raises Empty or is interrupted
+        (Ctrl-C), nothing was consumed. A message sent with :meth:`send_bytes` (or by a
+        non-Python peer) arrives as ``bytes``.
 
         Raises:
             Empty: nothing arrived before the deadline.
@@ -354,11 +351,11 @@ class Channel:
             CorruptChannel: the channel was found corrupt.
             (and whatever unpickling the message raises; it is consumed)
         """
-        return self._recv(check_timeout(timeout), raw=False)
+        return self._recv(check_timeout(timeout), 0)
 
     def recv_nowait(self) -> Any:
         """Receive without waiting; raise :class:`Empty` if nothing is there."""
-        return self._recv(0.0, raw=False)
+        return self._recv(0.0, 0)
 
     def recv_many(self, max_items: int, timeout: float | None = None) -> list[Any]:
         """Receive between 1 and ``max_items`` of the oldest messages, in order, under
@@ -370,11 +367,11 @@ class Channel:
         Raises as :meth:`recv` otherwise (EndOfChannel once every writer is gone and
         nothing is left).
         """
-        eof = self._readable()
-        deadline = deadline_after(check_timeout(timeout))
-        items = _objects.receive_many(self._core, self._impl, self._name, max_items, deadline, eof)
+        flags = self._readable()
+        _check_max_items(max_items)
+        items: list[Any] = self._core.get_many(max_items, deadline_after(check_timeout(timeout)), flags)
         if not items:
-            raise Empty(f"channel {self._name!r} stayed empty for {timeout:g} s")
+            raise Empty(f"channel {self._name!r} stayed empty for {timeout} s")
         return items
 
     def recv_bytes(self, timeout: float | None = None) -> bytes:
@@ -383,33 +380,32 @@ class Channel:
         As :meth:`recv`; a message that is not raw bytes raises UndecodableMessage
         (and is consumed).
         """
-        data: bytes = self._recv(check_timeout(timeout), raw=True)
+        data: bytes = self._recv(check_timeout(timeout), F_RAW)
         return data
 
     def recv_bytes_nowait(self) -> bytes:
         """Receive bytes without waiting; raise :class:`Empty` if nothing is there."""
-        data: bytes = self._recv(0.0, raw=True)
+        data: bytes = self._recv(0.0, F_RAW)
         return data
 
-    def _readable(self) -> Callable[[], bool] | None:
-        """Check the handle may receive; return its end-of-stream test."""
+    def _readable(self) -> int:
+        """Check the handle may receive; return the flags for the core."""
         if self._closed:
             raise ClosedChannel(f"channel handle {self._name!r} is closed")
         if "r" not in self._mode:
             raise WrongMode(f"channel handle {self._name!r} has mode {self._mode!r}: it cannot receive")
-        return None if "w" in self._mode else self._core.writers_gone
+        return 0 if "w" in self._mode else F_EOF
 
-    def _recv(self, timeout: float | None, raw: bool) -> Any:
-        eof = self._readable()
-        item = _objects.receive(self._core, self._impl, self._name, deadline_after(timeout), eof, raw)
-        if item is _objects.NOTHING:
-            raise Empty(f"channel {self._name!r} stayed empty for {timeout:g} s")
+    def _recv(self, timeout: float | None, flags: int) -> Any:
+        flags |= self._readable()
+        item = self._core.get(deadline_after(timeout), flags)
+        if item is NOTHING:
+            raise Empty(f"channel {self._name!r} stayed empty for {timeout} s")
         return item
 
     def _recv_or_nothing(self) -> Any:
-        """One non-blocking receive for select(): the item or _objects.NOTHING."""
-        eof = self._readable()
-        return _objects.receive(self._core, self._impl, self._name, deadline_after(0.0), eof)
+        """One non-blocking receive for select(): the item or NOTHING."""
+        return self._core.get(0.0, self._readable())
 
     def __iter__(self) -> Iterator[Any]:
         """Receive messages until end of stream."""
@@ -426,7 +422,8 @@ class Channel:
 
         If this was the last handle with write rights, receivers see end of stream
         once they have drained the channel; if the last with read rights, senders
-        get BrokenChannel.
+        get BrokenChannel. Threads of this process blocked on this handle return with
+        ClosedChannel.
         """
         if self._closed:
             return
@@ -455,7 +452,7 @@ class Channel:
     def __reduce__(self) -> tuple[Any, ...]:
         if self._closed:
             raise ClosedChannel(f"cannot pickle closed channel handle {self._name!r}")
-        return (_reopen, (self._name, self._backend, self._mode or "r"))
+        return (_reopen, (self._name, self._backend, self._mode or "r", self._allow_foreign))
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"mode={self._mode!r} capacity={self.capacity}"
@@ -473,5 +470,12 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"mode must be 'r', 'w' or 'rw', not {mode!r}")
 
 
-def _reopen(name: str, backend: str, mode: str = "rw") -> Channel:
-    return Channel.open(name, backend=backend, mode=mode)
+def _check_max_items(max_items: int) -> None:
+    if isinstance(max_items, bool) or not isinstance(max_items, int):
+        raise TypeError(f"max_items must be an int, not {type(max_items).__name__}")
+    if max_items < 1:
+        raise ValueError(f"max_items must be at least 1, not {max_items}")
+
+
+def _reopen(name: str, backend: str, mode: str = "rw", allow_foreign: bool = False) -> Channel:
+    return Channel.open(name, backend=backend, mode=mode, allow_foreign=allow_foreign)

@@ -9,9 +9,12 @@
   ``memoryview`` as the object itself; and memoryviews nested anywhere (which
   multiprocessing cannot pickle at all). ``bytes`` and ``bytearray`` nested inside
   other objects are pickled in-band: CPython's pickler saves them natively.
-* The receiver copies a record out of the ring once; out-of-band buffers then live
-  in that private copy (writable, so received NumPy arrays are writable), or, for a
-  message that came through a side segment, directly in the side segment's mapping.
+* The receiver copies a record out of the ring (or out of a side segment) once;
+  out-of-band buffers then live in that private copy (writable, so received NumPy
+  arrays are writable).
+
+The compiled core handles exact ``bytes`` and in-band pickles itself; this module is
+what it calls for everything else (:func:`encode`, :func:`decode`).
 """
 
 from __future__ import annotations
@@ -19,11 +22,10 @@ from __future__ import annotations
 import io
 import pickle
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from . import _layout as L
-from ._errors import ShmchanError
 
 OOB_MIN = 4096
 """bytearrays at least this large travel out of band (smaller ones are cheaper in-band)."""
@@ -102,25 +104,30 @@ def pickled_in_band(obj: Any) -> bytes | None:
     return None if buffers else data
 
 
-def encode(obj: Any) -> Encoded:
-    """Encode ``obj``; raises whatever pickling raises (nothing has been sent)."""
+def encode(obj: Any, data: bytes | None = None, buffers: list[pickle.PickleBuffer] | None = None) -> Encoded:
+    """Encode ``obj``; raises whatever pickling raises (nothing has been sent).
+
+    ``data`` and ``buffers``: a pickle of ``obj`` the caller already made with protocol 5
+    and a buffer callback (the compiled core's first attempt), reused as it is.
+    """
     t = type(obj)
     if t is bytes:
         return Encoded(L.RT_BYTES, len(obj), memoryview(obj))
-    buffers: list[pickle.PickleBuffer] = []
-    if (t is bytearray and len(obj) >= OOB_MIN) or t is memoryview:
-        data = pickle.dumps(_OutOfBand(obj), protocol=5, buffer_callback=buffers.append)
-    else:
-        try:
-            data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
-        except TypeError:
-            # e.g. a memoryview nested in a container: the slow pickler can send it.
-            buffers.clear()
+    if data is None or buffers is None:
+        buffers = []
+        if (t is bytearray and len(obj) >= OOB_MIN) or t is memoryview:
+            data = pickle.dumps(_OutOfBand(obj), protocol=5, buffer_callback=buffers.append)
+        else:
             try:
-                data = _dumps_slow(obj, buffers)
-            except Exception:
+                data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+            except TypeError:
+                # e.g. a memoryview nested in a container: the slow pickler can send it.
                 buffers.clear()
-                raise
+                try:
+                    data = _dumps_slow(obj, buffers)
+                except Exception:
+                    buffers.clear()
+                    raise
     if not buffers:
         return Encoded(L.RT_PICKLE, len(data), memoryview(data))
     raws = [b.raw() for b in buffers]
@@ -144,14 +151,12 @@ def write_into(enc: Encoded, dest: memoryview) -> None:
         dest[off : off + view.nbytes] = view
 
 
-def decode(
-    rtype: int, payload: bytes | bytearray | memoryview, open_side: Callable[[int], memoryview]
-) -> Any:
+def decode(rtype: int, payload: bytes | bytearray | memoryview) -> Any:
     """Turn a received record back into an object.
 
-    Raises UnknownRecordType for a type this codec does not know or a malformed
-    frame (or a missing side segment), and whatever unpickling raises for a payload
-    that cannot be unpickled here (as multiprocessing would).
+    Raises UnknownRecordType for a type this codec does not know or a malformed frame,
+    and whatever unpickling raises for a payload that cannot be unpickled here (as
+    multiprocessing would).
     """
     if rtype == L.RT_BYTES:
         return payload if type(payload) is bytes else bytes(payload)
@@ -160,15 +165,6 @@ def decode(
     if rtype == L.RT_PICKLE_OOB:
         pickled, buffers = _oob_frame(payload)
         return pickle.loads(pickled, buffers=buffers)
-    if rtype == L.RT_LARGE:
-        try:
-            seq, size, inner, _, _ = L.LARGE_REF.unpack_from(payload, 0)
-            side = open_side(seq)
-        except (struct.error, ShmchanError) as exc:
-            raise UnknownRecordType(rtype, f"bad side-segment reference: {exc}") from exc
-        if side.nbytes != size or inner == L.RT_LARGE:
-            raise UnknownRecordType(rtype, f"side segment {seq} does not match its reference")
-        return decode(inner, side, open_side)
     raise UnknownRecordType(rtype, "not a record type this version of shmchan decodes")
 
 

@@ -1,517 +1,236 @@
-"""ChannelCore: ring + locks + wakeups, with deadlines. The faces are thin over it.
+"""The Python half of the compiled core: attaching, side segments, hooks and fork.
 
-This is the one place that orders "write, publish, signal" and "register, re-check,
-sleep" (docs/layout.md, "Waiting and waking"):
+Every put and get of every face is one call into :class:`shmchan._cext.Core` (the C
+library in ``shmchan/_native``), which does the encoding of exact ``bytes`` and plain
+pickles, the locking, placement, copies, commits, waits and wakeups itself. It calls
+back into this module only for what needs Python or the OS beyond the segment:
 
-* a put takes the write lock, writes and commits the record (the tail store), drops
-  the lock, then fences and posts not-empty if a consumer is registered as waiting;
-* a consumer that finds the ring empty registers in ``consumers_waiting`` under the
-  read lock, fences, re-checks, and only then sleeps on not-empty; producers mirror it.
+* :func:`_encode_slow`: objects with out-of-band pickle buffers (NumPy arrays,
+  large ``bytearray``/``memoryview``), which are framed so that each buffer is copied
+  once, straight into shared memory;
+* :func:`_side_prepare` and :func:`_side_read`: messages too large for the ring, which
+  travel through the channel's side-segment pool (docs/layout.md 2.5);
+* :func:`_decode_slow`: records of types the fast path does not decode.
 
-Semaphores are hints, never locks: a missing post costs at most one wait slice
-(:data:`WAIT_SLICE`), a stray post costs one spurious wakeup, and a post is only made
-while the semaphore's value is 0, so values stay bounded by the number of posters.
+A :class:`Ctx` per handle carries what those hooks need (the backend, the name, whose
+side objects to trust, the mapped side objects), so the hooks stay stateless.
 """
 
 from __future__ import annotations
 
-import contextlib
-import enum
-import functools
 import os
-import time
+import pickle
 import weakref
-from collections.abc import Callable
-from typing import Any, Final, TypeVar
+from collections.abc import Iterable
+from typing import Any, Final
 
+from . import _cext, _codec
+from . import _errors as E
 from . import _layout as L
-from ._backends._base import READER, WRITER, Mutex, Segment, Wakeup
-from ._errors import BrokenChannel, ClosedChannel, CorruptChannel, EndOfChannel, ShmchanError
-from ._fence import full_fence
-from ._ring import Record, Ring
+from ._backends import get_backend
+from ._backends._base import SIDE_GRANULE, Backend, CreateParams, SideMap
 
-_Got = TypeVar("_Got")
-_Arg = TypeVar("_Arg")
+__all__ = ("BUSY", "NOTHING", "WAIT_SLICE", "Ctx", "attach", "create")
 
-WAIT_SLICE: Final = 0.25
-"""Longest single sleep on a semaphore. Bounds how late a waiter notices a post lost
-to a peer's death (SIGKILL between commit and post) or a channel marked corrupt."""
+NOTHING: Final = _cext.NOTHING
+"""What a non-blocking or timed-out get returns when there was nothing to take."""
+BUSY: Final = _cext.BUSY
+"""What an F_NOGRACE call returns when a lock was held (the async face then waits)."""
+WAIT_SLICE: Final = float(_cext.WAIT_SLICE)
+"""Longest single sleep: bounds how late a sleeper notices a wakeup lost to a peer's
+death, a closed handle, or a channel marked corrupt."""
+LOCK_GRACE: Final = float(_cext.LOCK_GRACE)
 
-LOCK_GRACE: Final = 0.005
-"""Even a non-blocking call may wait this long for a lock that another process holds
-for its microsecond-long critical section; it never waits for data or space."""
+EV_NOT_EMPTY: Final = int(_cext.EV_NOT_EMPTY)
+EV_NOT_FULL: Final = int(_cext.EV_NOT_FULL)
+EV_JOINED: Final = int(_cext.EV_JOINED)
+F_EOF: Final = int(_cext.F_EOF)
+F_BROKEN: Final = int(_cext.F_BROKEN)
+F_RAW: Final = int(_cext.F_RAW)
+F_NOGRACE: Final = int(_cext.F_NOGRACE)
+WRITER: Final = int(_cext.WRITER)
+READER: Final = int(_cext.READER)
 
-DEREGISTER_PATIENCE: Final = 0.05
-"""How long a call that is leaving (timeout, Ctrl-C) waits for its lock to undo its
-waiter registration."""
+SIDE_SHRINK_ABOVE: Final = 16 << 20
+"""A side object more than 4 times larger than the message it carries, and larger than
+this, is re-created at the message's size: the pool keeps at most a few times the
+largest recent message."""
 
-_live: weakref.WeakSet[ChannelCore] = weakref.WeakSet()
+
+class Ctx:
+    """What one handle's hooks need: its backend and name, whose side objects it trusts,
+    and the side objects it has mapped (each reused while it is the same object)."""
+
+    __slots__ = ("__weakref__", "backend", "name", "permissions", "sides", "trust")
+
+    def __init__(self, backend: Backend, name: str, permissions: int, trust: tuple[int, int] | None) -> None:
+        self.backend = backend
+        self.name = name
+        self.permissions = permissions
+        self.trust = trust
+        self.sides: dict[int, SideMap] = {}
+
+
+_live: weakref.WeakSet[_cext.Core] = weakref.WeakSet()
+
+
+def create(backend_name: str, name: str, params: CreateParams) -> _cext.Core:
+    """Create channel ``name`` and attach to it (the creator trusts what it made)."""
+    backend = get_backend(backend_name)
+    name = backend.normalize_name(name)
+    ctx = Ctx(backend, name, params.permissions, (os.geteuid(), params.permissions))
+    core = backend.create(name, params, ctx)
+    _live.add(core)
+    return core
+
+
+def attach(backend_name: str, name: str, timeout: float, allow_foreign: bool = False) -> _cext.Core:
+    """Open channel ``name`` after the trust checks (docs/security.md) and attach."""
+    backend = get_backend(backend_name)
+    name = backend.normalize_name(name)
+    uid, mode = backend.owner_of(name)
+    ctx = Ctx(backend, name, mode, None if allow_foreign else (uid, mode))
+    core = backend.open(name, timeout, allow_foreign, ctx)
+    _live.add(core)
+    return core
 
 
 def _after_fork_in_child() -> None:
+    # Each handle gets its own open file, peer slot and presence: the parent's lock
+    # token, liveness locks and registrations stay the parent's (docs/layout.md 6).
     for core in list(_live):
-        core.after_fork_in_child()
+        core.after_fork()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class Waiter(enum.IntEnum):
-    """Who sleeps on which semaphore."""
-
-    PRODUCER = 0  # not-full, producers_waiting, write lock
-    CONSUMER = 1  # not-empty, consumers_waiting, read lock
-    JOINER = 2  # joined, joiners_waiting, read lock
+# -- hooks called by the compiled core --------------------------------------------------
 
 
-def _lock_deadline(deadline: float | None) -> float | None:
+def _encode_slow(obj: Any, raw: bool, data: bytes | None, buffers: list[Any] | None) -> tuple[int, int, Any]:
+    """Encode what the fast path could not: ``(rtype, n, payload)``, payload being one
+    bytes-like object or a list of ``(offset, buffer)`` parts."""
+    if raw:
+        view = memoryview(obj)  # TypeError for objects without the buffer protocol
+        data = view.tobytes()
+        return L.RT_BYTES, len(data), data
+    enc = _codec.encode(obj, data, buffers)
+    if enc.payload is not None:
+        return enc.rtype, enc.n, enc.payload
+    return enc.rtype, enc.n, list(enc.parts)
+
+
+def _decode_slow(core: _cext.Core, rtype: int, payload: bytes | bytearray, raw: bool) -> Any:
+    """Decode a record the fast path left: out-of-band pickles, unknown types (consumed,
+    reported as UndecodableMessage), and anything but bytes in raw mode."""
+    if raw and rtype != L.RT_BYTES:
+        raise E.UndecodableMessage(
+            f"record of type {rtype} is not a byte message", record_type=rtype, payload=bytes(payload)
+        )
+    try:
+        return _codec.decode(rtype, payload)
+    except _codec.UnknownRecordType as exc:
+        raise E.UndecodableMessage(str(exc), record_type=rtype, payload=bytes(payload)) from None
+
+
+def _side_prepare(
+    core: _cext.Core, n: int, parts: list[tuple[int, memoryview]], deadline: float | None
+) -> Any:
+    """Put a message of ``n`` bytes (the ``parts``) into a side entry: claim one (waiting
+    until ``deadline`` while every entry is in use), make sure its object is large
+    enough, and copy the message in. ``(index, ticket, size, file_gen)``, or None when
+    the deadline passed. On error the entry is released."""
+    claim = core.side_claim(deadline)
+    if claim is None:
+        return None
+    index, ticket, size, file_gen = claim
+    ctx: Ctx = core.ctx
+    try:
+        side = ctx.backend.side_open(ctx.name, index, ctx.trust, ctx.sides.get(index)) if size else None
+        if side is None or side.size < n or (side.size > 4 * n and side.size > SIDE_SHRINK_ABOVE):
+            ctx.sides.pop(index, None)
+            file_gen = (file_gen + 1) & 0xFFFFFFFF
+            core.side_set_file(index, ticket, 0, file_gen)  # no object while we replace it
+            want = max(SIDE_GRANULE, -(-n // SIDE_GRANULE) * SIDE_GRANULE)
+            side = ctx.backend.side_create(ctx.name, index, want, ctx.permissions)
+        if side.size != size:
+            core.side_set_file(index, ticket, side.size, file_gen)
+        ctx.sides[index] = side
+        view = side.view
+        for off, part in parts:
+            view[off : off + part.nbytes] = part
+    except BaseException:
+        core.side_release(index, ticket)
+        raise
+    return index, ticket, side.size, file_gen
+
+
+def _side_read(
+    core: _cext.Core, index: int, ticket: int, size: int, file_gen: int, inner: int, raw: bool
+) -> Any:
+    """Copy a message out of side entry ``index`` (which this handle took from the ring),
+    free the entry, and decode the copy. The entry is freed whatever happens: the
+    message belongs to this receiver once its record was taken."""
+    ctx: Ctx = core.ctx
+    try:
+        side = ctx.backend.side_open(ctx.name, index, ctx.trust, ctx.sides.get(index))
+        if side is None or side.size < size:
+            raise E.CorruptChannel(f"channel {ctx.name!r}: side segment {index} is missing or too short")
+        ctx.sides[index] = side
+        if inner == L.RT_PICKLE_OOB:
+            payload: bytes | bytearray = bytearray(side.view[:size])
+        else:
+            payload = side.view[:size].tobytes()
+    finally:
+        core.side_done(index, ticket)
+    if inner == L.RT_BYTES:
+        return payload
+    if inner == L.RT_PICKLE and not raw:
+        return pickle.loads(payload)
+    return _decode_slow(core, inner, payload, raw)
+
+
+_cext.configure(
+    {
+        "ShmchanError": E.ShmchanError,
+        "ClosedChannel": E.ClosedChannel,
+        "CorruptChannel": E.CorruptChannel,
+        "NotAShmchanSegment": E.NotAShmchanSegment,
+        "IncompatibleLayout": E.IncompatibleLayout,
+        "EndOfChannel": E.EndOfChannel,
+        "BrokenChannel": E.BrokenChannel,
+        "MessageTooLarge": E.MessageTooLarge,
+        "UndecodableMessage": E.UndecodableMessage,
+        "UndecodableBatch": E.UndecodableBatch,
+        "TooManyPeers": E.TooManyPeers,
+        "ChannelNotFound": E.ChannelNotFound,
+    },
+    {
+        "encode_slow": _encode_slow,
+        "decode_slow": _decode_slow,
+        "side_prepare": _side_prepare,
+        "side_read": _side_read,
+    },
+)
+
+
+def deadline_after(timeout: float | None) -> float | None:
+    """Turn a ``timeout`` in seconds into an absolute monotonic deadline (None: none)."""
+    if timeout is None:
+        return None
+    now: float = _cext.now()
+    return now + max(0.0, timeout)
+
+
+def remaining(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline`` (never negative), or None for no deadline."""
     if deadline is None:
         return None
-    return max(deadline, time.monotonic() + LOCK_GRACE)
+    now: float = _cext.now()
+    return max(0.0, deadline - now)
 
 
-class ChannelCore:
-    """Byte-level send/receive with deadlines over one attached segment."""
-
-    def __init__(self, seg: Segment) -> None:
-        self.seg = seg
-        self.ring = Ring(seg.buf, seg.info.capacity, seg.info.max_record, seg.info.max_items)
-        self.max_payload = self.ring.max_payload
-        self._spin_recv = self._spin_send = SPIN_START_NS if _CAN_SPIN else 0
-        self._roles: set[int] = set()
-        self._counted: set[int] = set()
-        self.closing = False
-        self.async_gates: dict[tuple[Waiter, int], tuple[object, Any]] = {}
-        """The async face's per-event-loop gates (see shmchan._async)."""
-        _live.add(self)
-
-    # -- lifecycle ---------------------------------------------------------------
-
-    def close(self) -> None:
-        """Detach. Threads of this process inside an operation on this core finish
-        it with ClosedChannel (or its result, if it had already succeeded)."""
-        self.closing = True
-        _live.discard(self)
-        seg = self.seg
-        seg.wlock.close()  # waits for in-flight critical sections of our threads
-        seg.rlock.close()
-        with contextlib.suppress(ValueError, OSError, ShmchanError):
-            ring = self.ring  # hurry our own sleepers (a stray post elsewhere is harmless)
-            if ring.consumers_waiting():
-                seg.not_empty.post()
-            if ring.producers_waiting():
-                seg.not_full.post()
-            if ring.joiners_waiting():
-                seg.joined.post()
-        self.ring.release()
-        seg.close()
-
-    def _closed_error(self, exc: BaseException) -> BaseException:
-        """What an operation that raced with close() raises instead of ``exc``."""
-        if self.closing and not isinstance(exc, ClosedChannel):
-            err = ClosedChannel(f"channel handle {self.seg.name!r} was closed during the call")
-            err.__cause__ = exc
-            return err
-        return exc
-
-    def after_fork_in_child(self) -> None:
-        # The segment re-takes the child's presence (a new open file's OFD lock, or a
-        # new SEM_UNDO unit): that is what counts. The header counters stay the
-        # parent's: taking a lock here could deadlock (the parent may hold it across
-        # the fork), and the counters are only hints (see role_gone).
-        self.seg.after_fork_in_child()
-        self._counted.clear()
-
-    # -- presence: who may still write or read (end of stream) ---------------------------
-
-    def enter_role(self, role: int) -> None:
-        """Count this handle as a writer (WRITER) or reader (READER) of the channel."""
-        if role in self._roles:
-            return
-        self.seg.presence.enter(role)
-        self._roles.add(role)
-        full_fence()
-        self.ring.mark_seen(role)
-        if self._count_role(role, +1):
-            self._counted.add(role)
-
-    def leave_role(self, role: int) -> None:
-        """Stop counting this handle in ``role`` and wake the other side, so that it
-        re-checks for end of stream (the last writer) or a broken channel (the last
-        reader)."""
-        if role not in self._roles:
-            return
-        self._roles.discard(role)
-        full_fence()  # everything this handle committed precedes its departure
-        if role in self._counted:
-            self._counted.discard(role)
-            self._count_role(role, -1)
-        self.seg.presence.leave(role)
-        full_fence()
-        if role == WRITER and self.ring.consumers_waiting():
-            _post_if_zero(self.seg.not_empty)
-        if role == READER and self.ring.producers_waiting():
-            _post_if_zero(self.seg.not_full)
-
-    def _count_role(self, role: int, delta: int) -> bool:
-        """Adjust the header's hint counter, if the lock can be had at once (a peer
-        stopped inside a critical section must not block an open or a close);
-        return whether it was adjusted."""
-        lock = self.seg.wlock if role == WRITER else self.seg.rlock
-        try:
-            if not lock.acquire(time.monotonic() + LOCK_GRACE):
-                return False
-            self.ring.add_role(role, delta)
-            return True
-        finally:
-            lock.release()
-
-    def role_gone(self, role: int) -> bool:
-        """Whether ``role`` had holders and none but this handle is left. The kernel's
-        presence decides (a holder that died counts as gone, a forked child's
-        inherited handle counts as present); this is a system call."""
-        if not self.ring.role_seen(role):
-            return False
-        return not self.seg.presence.others(role)
-
-    def writers_gone(self) -> bool:
-        """End of stream, seen from a handle without write rights."""
-        if WRITER in self._roles or not self.role_gone(WRITER):
-            return False
-        full_fence()  # the departures are seen before we look at the ring again
-        return True
-
-    def readers_gone(self) -> bool:
-        """Broken channel, seen from a handle without read rights."""
-        return READER not in self._roles and self.role_gone(READER)
-
-    def _check_state(self) -> None:
-        if self.ring.state() != L.STATE_NORMAL:
-            raise CorruptChannel(f"channel {self.seg.name!r} was marked corrupt")
-
-    # -- send ---------------------------------------------------------------------
-
-    def send(
-        self,
-        write: Callable[[_Arg], int],
-        arg: _Arg,
-        deadline: float | None,
-        broken: Callable[[], bool] | None = None,
-    ) -> int:
-        """Append records with ``write(arg)`` (called under the write lock; it returns
-        how many records it appended, 0 if none fits now; see
-        :meth:`Ring.try_write_record` and :meth:`Ring.try_write_many`): return that
-        count, or 0 if ``deadline`` passed with no room.
-
-        Blocks while the ring is full, or holds ``max_items`` records: after at most
-        100 µs of adaptive polling, it sleeps on a semaphore. A KeyboardInterrupt
-        leaves the ring unchanged and unlocked. Raises BrokenChannel if ``broken()``
-        says so while it waits.
-        """
-        try:
-            return self._send(write, arg, deadline, broken)
-        except (ValueError, OSError) as exc:  # released views, closed descriptors
-            raise self._closed_error(exc) from None
-
-    def _send(
-        self,
-        write: Callable[[_Arg], int],
-        arg: _Arg,
-        deadline: float | None,
-        broken: Callable[[], bool] | None = None,
-    ) -> int:
-        """The body of :meth:`send` (which turns errors of a racing close into ClosedChannel)."""
-        ring = self.ring
-        seg = self.seg
-        lock = seg.wlock
-        registered = False
-        spin = self._spin_send > 0
-        try:
-            while True:
-                if not lock.acquire(_lock_deadline(deadline)):
-                    return 0
-                try:
-                    if registered:
-                        ring.add_producers_waiting(-1)
-                        registered = False
-                    self._check_state()
-                    written = write(arg)
-                    if written:
-                        break
-                    if broken is not None and broken():
-                        raise BrokenChannel(f"channel {seg.name!r}: every reader is gone")
-                    if deadline is not None and time.monotonic() >= deadline:
-                        return 0
-                    if spin:  # poll below, without the lock, before registering
-                        head = ring.head  # room appears when consumers move the head
-                    else:
-                        ring.add_producers_waiting(1)
-                        registered = True
-                        full_fence()  # Dekker: registration visible before the re-check
-                        written = write(arg)
-                        if written:
-                            ring.add_producers_waiting(-1)
-                            registered = False
-                            break
-                finally:
-                    lock.release()
-                if spin:
-                    spin = False
-                    self._spin_send = _spin(functools.partial(_unmoved, ring, head), self._spin_send)
-                    continue
-                _sleep(seg.not_full, deadline)
-        finally:
-            if registered:  # timed out, or interrupted, while registered as a waiter
-                self._deregister(lock, ring.add_producers_waiting)
-        # Dekker: the tail store is visible before we read consumers_waiting.
-        full_fence()
-        if ring.consumers_waiting():
-            _post_if_zero(seg.not_empty)
-        if ring.producers_waiting():
-            _post_if_zero(seg.not_full)  # pass the baton to another waiting producer
-        return written
-
-    # -- receive --------------------------------------------------------------------
-
-    def recv(self, deadline: float | None, eof: Callable[[], bool] | None = None) -> Record | None:
-        """Remove the oldest record as ``(type, payload)``; None if ``deadline`` passed.
-
-        Blocks while the ring is empty: after at most 100 µs of adaptive polling, it
-        sleeps on a semaphore. A KeyboardInterrupt while waiting consumes nothing.
-        Raises EndOfChannel when ``eof()`` says every writer is gone and the ring is
-        drained.
-        """
-        try:
-            return self._recv(self.ring.try_read, deadline, eof)
-        except (ValueError, OSError) as exc:
-            raise self._closed_error(exc) from None
-
-    def recv_many(
-        self, max_records: int, deadline: float | None, eof: Callable[[], bool] | None = None
-    ) -> list[Record] | None:
-        """Like :meth:`recv`, but take up to ``max_records`` records at once, under one
-        lock and with one commit (waits only while the ring is empty)."""
-        try:
-            return self._recv(functools.partial(self.ring.try_read_many, max_records), deadline, eof)
-        except (ValueError, OSError) as exc:
-            raise self._closed_error(exc) from None
-
-    def _recv(
-        self, read: Callable[[], _Got | None], deadline: float | None, eof: Callable[[], bool] | None = None
-    ) -> _Got | None:
-        """The body of :meth:`recv` and :meth:`recv_many` (``read`` runs under the read
-        lock and returns None when the ring is empty)."""
-        ring = self.ring
-        seg = self.seg
-        lock = seg.rlock
-        registered = False
-        spin = self._spin_recv > 0
-        try:
-            while True:
-                if not lock.acquire(_lock_deadline(deadline)):
-                    return None
-                try:
-                    if registered:
-                        ring.add_consumers_waiting(-1)
-                        registered = False
-                    self._check_state()
-                    got = read()
-                    if got is not None:
-                        break
-                    if eof is not None and eof():
-                        got = read()  # anything committed before the last writer left
-                        if got is not None:
-                            break
-                        raise EndOfChannel(f"channel {seg.name!r}: every writer is gone")
-                    if deadline is not None and time.monotonic() >= deadline:
-                        return None
-                    if not spin:  # (with spin left, poll below without the lock first)
-                        ring.add_consumers_waiting(1)
-                        registered = True
-                        full_fence()  # Dekker: registration visible before the re-check
-                        got = read()
-                        if got is not None:
-                            ring.add_consumers_waiting(-1)
-                            registered = False
-                            break
-                finally:
-                    lock.release()
-                if spin:
-                    spin = False
-                    self._spin_recv = _spin(ring.is_empty, self._spin_recv)
-                    continue
-                _sleep(seg.not_empty, deadline)
-        finally:
-            if registered:
-                self._deregister(lock, ring.add_consumers_waiting)
-        # Dekker: the head store is visible before we read producers_waiting.
-        full_fence()
-        if ring.producers_waiting():
-            _post_if_zero(seg.not_full)
-        if ring.consumers_waiting() and not ring.is_empty():
-            _post_if_zero(seg.not_empty)  # more data: pass the baton to another consumer
-        return got
-
-    @staticmethod
-    def _deregister(lock: Mutex, adjust: Callable[[int], None]) -> None:
-        # Best effort and bounded (a timed-out call must not overrun much): if the lock
-        # cannot be had within DEREGISTER_PATIENCE, because its holder is stopped (or
-        # the handle was closed meanwhile), the counter stays one too high, which only
-        # costs peers an extra post.
-        with contextlib.suppress(ClosedChannel, ValueError, OSError):
-            if lock.acquire(time.monotonic() + DEREGISTER_PATIENCE):
-                try:
-                    adjust(-1)
-                finally:
-                    lock.release()
-
-    # -- waiting from elsewhere (the async face) ---------------------------------------------
-
-    @property
-    def spin_budget_recv(self) -> int:
-        return self._spin_recv
-
-    def spin_recv(self) -> None:
-        """Poll for a record for up to the adaptive spin budget (see :func:`_spin`)."""
-        try:
-            self._spin_recv = _spin(self.ring.is_empty, self._spin_recv)
-        except ValueError as exc:  # the views were released: closed meanwhile
-            raise self._closed_error(exc) from None
-
-    def wakeup_for(self, waiter: Waiter) -> Wakeup:
-        """The semaphore that wakes ``waiter``s: not-full, not-empty or joined."""
-        seg = self.seg
-        return (seg.not_full, seg.not_empty, seg.joined)[waiter]
-
-    def register(self, waiter: Waiter) -> None:
-        """Count one more sleeper of this kind (a process's async tasks register once,
-        together). The caller must try its operation again after this, before
-        sleeping on :meth:`wakeup_for` (docs/layout.md 8)."""
-        self._adjust_waiting(waiter, +1)
-        full_fence()  # Dekker: registration visible before the caller's re-check
-
-    def unregister(self, waiter: Waiter) -> None:
-        with contextlib.suppress(ClosedChannel, ValueError, OSError):  # closed meanwhile
-            self._adjust_waiting(waiter, -1)
-
-    def _adjust_waiting(self, waiter: Waiter, delta: int) -> None:
-        ring = self.ring
-        lock = self.seg.wlock if waiter is Waiter.PRODUCER else self.seg.rlock
-        adjust = (ring.add_producers_waiting, ring.add_consumers_waiting, ring.add_joiners_waiting)[waiter]
-        try:
-            lock.acquire(None)
-            adjust(delta)
-        finally:
-            lock.release()
-
-    # -- tasks (JoinableQueue) -------------------------------------------------------------
-
-    def task_done(self) -> None:
-        """Mark one record done; wake joiners when none is left unfinished.
-
-        Raises ValueError if called more times than records were put.
-        """
-        ring = self.ring
-        lock = self.seg.rlock
-        try:
-            lock.acquire(None)
-            left = ring.task_done()
-        finally:
-            lock.release()
-        if left == 0:
-            full_fence()  # Dekker with join(): tasks_done visible before joiners_waiting
-            if ring.joiners_waiting():
-                _post_if_zero(self.seg.joined)
-
-    def join(self, deadline: float | None) -> bool:
-        """Wait until every record put so far was marked done; False on timeout."""
-        try:
-            return self._join(deadline)
-        except (ValueError, OSError) as exc:
-            raise self._closed_error(exc) from None
-
-    def _join(self, deadline: float | None) -> bool:
-        ring = self.ring
-        seg = self.seg
-        lock = seg.rlock
-        registered = False
-        try:
-            while True:
-                if not lock.acquire(_lock_deadline(deadline)):
-                    return False
-                try:
-                    if registered:
-                        ring.add_joiners_waiting(-1)
-                        registered = False
-                    self._check_state()
-                    if ring.unfinished() == 0:
-                        break
-                    if deadline is not None and time.monotonic() >= deadline:
-                        return False
-                    ring.add_joiners_waiting(1)
-                    registered = True
-                    full_fence()  # Dekker: registration visible before the re-check
-                    if ring.unfinished() == 0:
-                        ring.add_joiners_waiting(-1)
-                        registered = False
-                        break
-                finally:
-                    lock.release()
-                _sleep(seg.joined, deadline)
-        finally:
-            if registered:
-                self._deregister(lock, ring.add_joiners_waiting)
-        full_fence()
-        if ring.joiners_waiting():
-            _post_if_zero(seg.joined)  # the baton: wake the next joiner too
-        return True
-
-    def reserve_large_seq(self) -> int:
-        """Take a side-segment sequence number (docs/layout.md 2.5)."""
-        lock = self.seg.wlock
-        try:
-            lock.acquire(None)
-            self._check_state()
-            return self.ring.reserve_large_seq()
-        finally:
-            lock.release()
-
-
-SPIN_MIN_NS: Final = 5_000
-SPIN_START_NS: Final = 50_000
-SPIN_MAX_NS: Final = 100_000
-"""Spin budgets: between 5 and 100 µs of polling before a sleep, adaptive."""
-_CAN_SPIN: Final = (os.cpu_count() or 1) > 1  # spinning only helps if the peer runs meanwhile
-
-
-def _spin(still_waiting: Callable[[], bool], budget_ns: int) -> int:
-    """Poll the ring briefly before sleeping: a semaphore wakeup costs tens of µs
-    here, and a peer that is busy on another core often delivers sooner. Return the
-    next budget: after a success, twice the wait it took (so typical waits stay
-    covered); after a miss, half (so an idle or oversubscribed machine quickly stops
-    spending CPU on it). A call spins at most once, before its first sleep."""
-    now = time.perf_counter_ns
-    start = now()
-    end = start + budget_ns
-    while still_waiting():
-        if now() > end:
-            return max(SPIN_MIN_NS, budget_ns // 2)
-    return min(SPIN_MAX_NS, max(budget_ns, 2 * (now() - start)))
-
-
-def _unmoved(ring: Ring, head: int) -> bool:
-    return ring.head == head
-
-
-def _sleep(wakeup: Wakeup, deadline: float | None) -> None:
-    if deadline is None:
-        wakeup.wait(WAIT_SLICE)
-        return
-    left = deadline - time.monotonic()
-    if left > 0:
-        wakeup.wait(min(left, WAIT_SLICE))
-
-
-def _post_if_zero(wakeup: Wakeup) -> None:
-    if wakeup.value() == 0:
-        wakeup.post()
+def live_cores() -> Iterable[_cext.Core]:
+    """The attached handles of this process (for diagnostics and tests)."""
+    return list(_live)

@@ -14,14 +14,17 @@ silently changes which ``except`` clause runs::
     ├── WrongMode             (+ io.UnsupportedOperation)  sending on "r", receiving on "w"
     ├── UndecodableMessage    (+ ValueError)         a record of a type this reader can't decode
     ├── UndecodableBatch      (+ ValueError)         some items of a batch receive didn't decode
-    ├── LayoutError           (+ ValueError)         the segment is not a usable v1 ring
+    ├── LayoutError           (+ ValueError)         the segment is not a usable layout-2 ring
     │   ├── NotAShmchanSegment                       wrong magic: foreign or squatted name
     │   ├── IncompatibleLayout                       unknown major version or feature bit
     │   └── CorruptChannel                           impossible sizes, positions or records
     ├── InitializationTimeout (+ TimeoutError)       creator never published the segment
     ├── ChannelExists         (+ FileExistsError)    create() found the name taken
     ├── ChannelNotFound       (+ FileNotFoundError)  open()/remove() found no such channel
-    ├── NoSpace               (+ OSError, ENOSPC)    the OS could not back the memory
+    ├── AccessDenied          (+ PermissionError)    the OS refused access to the channel
+    │   └── UntrustedChannel                         owned by another user, or writable by others
+    ├── TooManyPeers          (+ OSError, EUSERS)    every peer slot is held by a live handle
+    ├── NoSpace               (+ OSError, ENOSPC)    the OS could not back the memory (or a limit)
     └── BackendUnavailable    (+ ImportError)        the backend's module or OS support is missing
 """
 
@@ -33,6 +36,7 @@ import queue
 from typing import Any
 
 __all__ = (
+    "AccessDenied",
     "BackendUnavailable",
     "BrokenChannel",
     "ChannelExists",
@@ -49,8 +53,10 @@ __all__ = (
     "NoSpace",
     "NotAShmchanSegment",
     "ShmchanError",
+    "TooManyPeers",
     "UndecodableBatch",
     "UndecodableMessage",
+    "UntrustedChannel",
     "WrongMode",
 )
 
@@ -154,7 +160,8 @@ class UndecodableBatch(ShmchanError, ValueError):
 
 
 class LayoutError(ShmchanError, ValueError):
-    """Raised when a segment is not a usable shmchan v1 ring (see subclasses)."""
+    """Raised when a segment is not a usable shmchan ring of layout version 2 (see
+    subclasses)."""
 
 
 class NotAShmchanSegment(LayoutError):
@@ -162,7 +169,8 @@ class NotAShmchanSegment(LayoutError):
 
 
 class IncompatibleLayout(LayoutError):
-    """Raised when the segment uses a layout major version or feature this build lacks."""
+    """Raised when the segment uses a layout major version or feature this build lacks
+    (a segment made by shmchan 0.1, layout 1, is one: the message names both versions)."""
 
 
 class CorruptChannel(LayoutError):
@@ -195,6 +203,32 @@ class ChannelNotFound(ShmchanError, FileNotFoundError):
 
     def __init__(self, message: str) -> None:
         super().__init__(errno.ENOENT, message)
+
+
+class AccessDenied(ShmchanError, PermissionError):
+    """Raised when the operating system refuses this process access to a channel's
+    segment or its semaphores (their permissions do not include this user)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EACCES, message)
+
+
+class UntrustedChannel(AccessDenied):
+    """Raised by ``open()`` (and by a receive that meets such a side segment) when the
+    segment is owned by another user, or other users may write it.
+
+    Whoever can write a channel can make its readers unpickle anything, which runs code:
+    shmchan refuses to read what another user could have written. Pass
+    ``allow_foreign=True`` to open a channel that several users share on purpose.
+    """
+
+
+class TooManyPeers(ShmchanError, OSError):
+    """Raised when a channel's peer table is full: every slot is held by a live handle
+    (1024 per channel by default). Handles of processes that died free theirs at once."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EUSERS, message)
 
 
 class NoSpace(ShmchanError, OSError):

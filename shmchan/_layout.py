@@ -1,15 +1,18 @@
-"""The shmchan v1 binary layout: every offset, size and constant, and nothing else.
+"""The shmchan binary layout, version 2: every offset, size and constant, and nothing else.
 
-This module is the single owner of the byte layout that ``docs/layout.md`` specifies
-for C, Go and Rust peers; ``tests/test_layout.py`` checks that the two agree. No other
-module of shmchan hard-codes an offset. It does no I/O.
+This module is the Python owner of the byte layout that ``docs/layout.md`` specifies for
+C, Go and Rust peers; ``shmchan/_native/shmchan.h`` is the C owner, and
+``tests/test_layout.py`` checks that the three agree. No other Python module hard-codes
+an offset. It does no I/O: :func:`decode_header` turns the bytes of a header into a
+dict (the command line and the tests read segments through it).
 
 A segment is one contiguous mapping::
 
-    0                      HEADER_SIZE (4096)                HEADER_SIZE + capacity
-    +----------------------+---------------------------------+
-    | header (see FIELDS)  | data ring: capacity bytes (2^n) |
-    +----------------------+---------------------------------+
+    0              2048         4096                 header_size            + capacity
+    +--------------+------------+--------------------+----------------------+
+    | control      | side table | peer table         | data ring (2^n bytes) |
+    | (blocks A-I) | 64 x 32 B  | max_peers x 32 B   |                      |
+    +--------------+------------+--------------------+----------------------+
 
 A record in the ring starts at a 16-byte aligned index and never straddles the end::
 
@@ -18,8 +21,9 @@ A record in the ring starts at a 16-byte aligned index and never straddles the e
     |length | type  | flags |  reserved (zero)     | payload: length bytes | pad to 16
     +-------+-------+-------+----------------------+-----------------------+
 
-All integers are little-endian. Positions (``head``, ``tail``) are free-running u64 byte
-counters; ring index = position & (capacity - 1).
+All integers are little-endian. ``tail`` and ``head`` are *commit words*: the top 27
+bits count records, the low 37 bits are a position in 16-byte units, both modulo their
+width (see :func:`split_word`).
 """
 
 from __future__ import annotations
@@ -28,16 +32,15 @@ import re
 import struct
 import sys
 import zlib
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
-if sys.byteorder != "little":  # pragma: no cover - the layout is little-endian only (v1)
-    raise ImportError("shmchan v1 supports little-endian hosts only")
+if sys.byteorder != "little":  # pragma: no cover - the layout is little-endian only
+    raise ImportError("shmchan supports little-endian hosts only")
 
 MAGIC: Final = 0x004E4148434D4853
 """``b"SHMCHAN\\0"`` read as a little-endian u64; stored last, it means "ready"."""
-LAYOUT_MAJOR: Final = 1
+LAYOUT_MAJOR: Final = 2
 LAYOUT_MINOR: Final = 0
-HEADER_SIZE: Final = 4096
 RECORD_HEADER_SIZE: Final = 16
 RECORD_HEADER: Final = struct.Struct("<IHHQ")
 """A record header: u32 payload length, u16 type, u16 flags (0), u64 reserved (0)."""
@@ -47,6 +50,13 @@ MAX_CAPACITY: Final = 1 << 40
 MAX_RECORD_LIMIT: Final = 1 << 31
 """Upper bound of ``max_record`` (it must also be at most capacity / 2)."""
 
+# Commit words.
+UNIT_BITS: Final = 37
+COUNT_BITS: Final = 27
+UNIT_MASK: Final = (1 << UNIT_BITS) - 1
+COUNT_MASK: Final = (1 << COUNT_BITS) - 1
+MAX_RECORDS_IN_RING: Final = COUNT_MASK - 1
+
 # Record types (u16 at record offset +4).
 RT_PADDING: Final = 0
 RT_BYTES: Final = 1
@@ -54,34 +64,46 @@ RT_PICKLE: Final = 2
 """A Python pickle (protocol <= 5) with no out-of-band buffers."""
 RT_PICKLE_OOB: Final = 3
 """A pickle-5 stream plus out-of-band buffers, framed as OOB_HEADER describes."""
-RT_LARGE: Final = 4
-"""A reference to a one-shot side segment holding the payload of an inner record."""
-LARGE_REF: Final = struct.Struct("<QQHHI")
-"""RT_LARGE payload: u64 side-segment sequence number, u64 payload size, u16 inner
-record type, u16 reserved, u32 reserved."""
+RT_SIDE: Final = 4
+"""A reference to a side-segment pool entry holding the payload of an inner record."""
+SIDE_REF: Final = struct.Struct("<IIQIHH")
+"""RT_SIDE payload: u32 entry index, u32 ticket, u64 payload size, u32 file generation,
+u16 inner record type, u16 reserved."""
 OOB_HEADER: Final = struct.Struct("<IIQ")
 """RT_PICKLE_OOB payload starts with u32 buffer count, u32 reserved, u64 pickle length,
 then one u64 length per buffer; the pickle starts at align16 of that, and each buffer
 at the next 16-aligned offset after the previous part."""
 
-# lock_kind: how producers (and consumers) exclude each other.
-LOCK_OFD: Final = 1
-"""Open-file-description byte-range locks on the segment file (posix, mmap backends)."""
-LOCK_SYSV: Final = 2
-"""SysV semaphores operated with SEM_UNDO (sysv backend)."""
+# liveness_kind: what tells a live peer from a dead one.
+LIVENESS_OFD: Final = 1
+"""OFD locks on the segment file (posix, mmap backends)."""
+LIVENESS_SYSV: Final = 2
+"""A SysV semaphore set operated with SEM_UNDO (sysv backend)."""
+WAKEUP_FUTEX: Final = 1
+"""wakeup_kind 1: futex event counters in the header (the only kind)."""
 
-# wakeup_kind: which semaphores sleepers wait on.
-WAKEUP_POSIX: Final = 1
-"""POSIX named semaphores ``/shmchan.<nonce as 16 hex digits>.ne`` and ``.nf``."""
-WAKEUP_SYSV: Final = 2
-"""SysV semaphores whose ids are in the header (``semid_ne``, ``semid_nf``)."""
-
-# state (u32): monotonic, never returns to NORMAL.
 STATE_NORMAL: Final = 0
 STATE_CORRUPT: Final = 1
+STATE_REMOVED: Final = 2
+"""sysv only: the channel's objects were removed; every operation fails."""
 
+SIDE_FREE: Final = 0
+SIDE_WRITING: Final = 1
+SIDE_QUEUED: Final = 2
+SIDE_READING: Final = 3
+SIDE_STATES: Final = ("free", "writing", "queued", "reading")
 
 OWNER_SIZE: Final = 256
+HEADER_BASE: Final = 4096
+SIDE_TABLE_OFFSET: Final = 2048
+SIDE_ENTRY_SIZE: Final = 32
+SIDE_SLOTS_MAX: Final = 64
+DEFAULT_SIDE_SLOTS: Final = 4
+PEER_TABLE_OFFSET: Final = 4096
+PEER_ENTRY_SIZE: Final = 32
+MAX_PEERS_LIMIT: Final = 1024
+DEFAULT_MAX_PEERS: Final = 1024
+WAITER_BITMAP_BYTES: Final = 128
 
 
 class Field(NamedTuple):
@@ -95,8 +117,8 @@ class Field(NamedTuple):
 
 def _fields() -> tuple[Field, ...]:
     # Offsets are built as a running sum (Agrona's descriptor style), so two fields
-    # cannot overlap by accident. Hot words each get their own 128-byte block:
-    # two cache lines, which defeats false sharing and adjacent-line prefetch.
+    # cannot overlap by accident. Hot words get their own 128-byte block: two cache
+    # lines, which defeats false sharing and adjacent-line prefetch.
     out: list[Field] = []
     off = 0
 
@@ -117,121 +139,87 @@ def _fields() -> tuple[Field, ...]:
     add("features_incompat", 4, "u32")
     add("features_compat", 4, "u32")
     add("nonce", 8, "u64")
-    add("lock_kind", 2, "u16")
+    add("liveness_kind", 2, "u16")
     add("wakeup_kind", 2, "u16")
     add("creator_pid", 4, "u32")
     add("created_unix_ns", 8, "u64")
-    add("semid_wlock", 4, "i32")
-    add("semid_rlock", 4, "i32")
-    add("semid_ne", 4, "i32")
-    add("semid_nf", 4, "i32")
+    add("semid_peers", 4, "i32")
+    add("semid_presence", 4, "i32")
+    add("max_peers", 4, "u32")
+    add("peer_table_offset", 4, "u32")
     add("max_items", 8, "u64")
-    add("semid_jn", 4, "i32")
-    add("semid_wp", 4, "i32")
-    add("semid_rp", 4, "i32")
+    add("side_slots", 4, "u32")
+    add("side_table_offset", 4, "u32")
+    add("creator_uid", 4, "u32")
     off = 120
     add("header_crc", 4, "u32")
     off = 128
-    # Block B, producers.
+    # Block B, producers (written under the write lock).
     add("tail", 8, "u64")
+    add("wlock", 8, "u64")
     add("msgs_put", 8, "u64")
-    add("large_seq", 8, "u64")
+    add("side_journal", 8, "u64")
+    add("side_journal_tail", 8, "u64")
     off = 256
-    # Block C, consumers.
+    # Block C, consumers (written under the read lock; tasks_done by CAS).
     add("head", 8, "u64")
+    add("rlock", 8, "u64")
     add("msgs_got", 8, "u64")
     add("tasks_done", 8, "u64")
     off = 384
-    # Block D and E, waiter counters (each written by one side, read by the other).
-    add("consumers_waiting", 4, "u32")
+    # Blocks D and E: the event counters sleepers wait on (futex words).
+    add("ne_seq", 4, "u32")
     off = 512
-    add("producers_waiting", 4, "u32")
+    add("nf_seq", 4, "u32")
     off = 640
     # Block F, status.
     add("state", 4, "u32")
-    add("joiners_waiting", 4, "u32")
+    add("jn_seq", 4, "u32")
+    add("recoveries", 8, "u64")
     off = 768
-    # Block G, the lifetime service of an unnamed queue (Python's reaper).
+    # Block G, the lifetime service of an unnamed queue (Python's).
     add("owner", OWNER_SIZE, "char")
-    # Block H, presence of handles with write and read rights (end of stream).
+    # Block H, presence hints (and, for liveness kind 1, the presence lock bytes).
     add("writers_open", 4, "u32")
     add("writers_seen", 4, "u32")
     add("readers_open", 4, "u32")
     add("readers_seen", 4, "u32")
+    off = 1152
+    # Block I, waiter bitmaps: bit i set while peer slot i has a sleeper.
+    add("waiting_consumers", WAITER_BITMAP_BYTES, "u64[16]")
+    add("waiting_producers", WAITER_BITMAP_BYTES, "u64[16]")
+    add("waiting_joiners", WAITER_BITMAP_BYTES, "u64[16]")
     return tuple(out)
 
 
 FIELDS: Final = _fields()
 OFF: Final = {f.name: f.offset for f in FIELDS}
 
-OFF_MAGIC: Final = OFF["magic"]
-OFF_TAIL: Final = OFF["tail"]
-OFF_HEAD: Final = OFF["head"]
-OFF_CONSUMERS_WAITING: Final = OFF["consumers_waiting"]
-OFF_PRODUCERS_WAITING: Final = OFF["producers_waiting"]
-OFF_STATE: Final = OFF["state"]
-OFF_OWNER: Final = OFF["owner"]
+SIDE_FIELDS: Final = (
+    Field("state", 0, 8, "u64"),
+    Field("size", 8, 8, "u64"),
+    Field("file_gen", 16, 4, "u32"),
+)
+PEER_FIELDS: Final = (
+    Field("gen", 0, 4, "u32"),
+    Field("pid", 4, 4, "u32"),
+    Field("flags", 8, 4, "u32"),
+    Field("attached_unix_ns", 16, 8, "u64"),
+)
 
-# Word indexes for ``memoryview.cast("Q")`` / ``cast("I")`` access to the hot words.
-# An aligned 8-byte (4-byte) store through such a view is one store instruction.
-Q_MAGIC: Final = OFF_MAGIC // 8
-Q_TAIL: Final = OFF_TAIL // 8
-Q_HEAD: Final = OFF_HEAD // 8
-Q_MSGS_PUT: Final = OFF["msgs_put"] // 8
-Q_LARGE_SEQ: Final = OFF["large_seq"] // 8
-Q_MSGS_GOT: Final = OFF["msgs_got"] // 8
-Q_TASKS_DONE: Final = OFF["tasks_done"] // 8
-I_JOINERS_WAITING: Final = OFF["joiners_waiting"] // 4
-I_CONSUMERS_WAITING: Final = OFF_CONSUMERS_WAITING // 4
-I_PRODUCERS_WAITING: Final = OFF_PRODUCERS_WAITING // 4
-I_STATE: Final = OFF_STATE // 4
-
-# Byte offsets locked (l_start, l_len = 1) for lock_kind 1 (OFD locks): the lock bytes
-# are the first byte of each side's block. Locks are advisory: they never touch memory.
-OFD_WRITE_LOCK_BYTE: Final = OFF_TAIL
-OFD_READ_LOCK_BYTE: Final = OFF_HEAD
-# Presence (lock_kind 1): every handle with write (read) rights holds a *shared* OFD
-# lock on this byte for as long as it has them.
+# Presence lock bytes (liveness kind 1): a *shared* OFD lock on this byte while a handle
+# holds the role. A peer slot's liveness lock is an exclusive OFD lock on its first byte.
 OFD_WRITERS_BYTE: Final = OFF["writers_open"]
 OFD_READERS_BYTE: Final = OFF["readers_open"]
-I_WRITERS_OPEN: Final = OFF["writers_open"] // 4
-I_WRITERS_SEEN: Final = OFF["writers_seen"] // 4
-I_READERS_OPEN: Final = OFF["readers_open"] // 4
-I_READERS_SEEN: Final = OFF["readers_seen"] // 4
 
 CRC_START: Final = 8
 CRC_END: Final = OFF["header_crc"]
 """``header_crc`` is CRC-32 (IEEE, as zlib.crc32) of header bytes [8, 120)."""
 
-_IDENTITY = struct.Struct("<QHHIQIHHIIQHHIQiiiiQiii")
-assert _IDENTITY.size == OFF["semid_rp"] + 4
 
-
-class HeaderInfo(NamedTuple):
-    """The identity block of a header, as written at creation."""
-
-    capacity: int
-    max_record: int
-    nonce: int
-    lock_kind: int
-    wakeup_kind: int
-    creator_pid: int = 0
-    created_unix_ns: int = 0
-    semid_wlock: int = -1
-    semid_rlock: int = -1
-    semid_ne: int = -1
-    semid_nf: int = -1
-    max_items: int = 0
-    semid_jn: int = -1
-    semid_wp: int = -1
-    semid_rp: int = -1
-    layout_major: int = LAYOUT_MAJOR
-    layout_minor: int = LAYOUT_MINOR
-    header_size: int = HEADER_SIZE
-    record_header_size: int = RECORD_HEADER_SIZE
-    record_align: int = RECORD_ALIGN
-    features_incompat: int = 0
-    features_compat: int = 0
+def header_size(max_peers: int) -> int:
+    """Bytes before the ring, for a segment with ``max_peers`` peer slots."""
+    return (PEER_TABLE_OFFSET + PEER_ENTRY_SIZE * max_peers + 4095) & ~4095
 
 
 def align16(n: int) -> int:
@@ -254,7 +242,7 @@ def is_power_of_two(n: int) -> bool:
 
 
 def check_geometry(capacity: int, max_record: int) -> str | None:
-    """Return why ``capacity``/``max_record`` are not a valid v1 geometry, or None."""
+    """Return why ``capacity``/``max_record`` are not a valid geometry, or None."""
     if not is_power_of_two(capacity) or not MIN_CAPACITY <= capacity <= MAX_CAPACITY:
         return f"capacity {capacity} is not a power of two in [{MIN_CAPACITY}, 2**40]"
     if max_record % RECORD_ALIGN or max_record < RECORD_HEADER_SIZE:
@@ -264,117 +252,103 @@ def check_geometry(capacity: int, max_record: int) -> str | None:
     return None
 
 
-def header_crc(buf: memoryview) -> int:
+def split_word(word: int) -> tuple[int, int]:
+    """A commit word as ``(count, position in bytes)`` (both modulo their width)."""
+    return word >> UNIT_BITS, (word & UNIT_MASK) << 4
+
+
+def make_word(count: int, position: int) -> int:
+    """The commit word for ``count`` records and byte ``position`` (a multiple of 16)."""
+    return ((count & COUNT_MASK) << UNIT_BITS) | ((position >> 4) & UNIT_MASK)
+
+
+def extend_total(trailing: int, word: int) -> int:
+    """The exact full-width total from a trailing total and a newer commit word."""
+    return trailing + (((word >> UNIT_BITS) - trailing) & COUNT_MASK)
+
+
+def header_crc(buf: bytes | bytearray | memoryview) -> int:
     """CRC-32 of the identity bytes that ``header_crc`` covers."""
-    return zlib.crc32(buf[CRC_START:CRC_END]) & 0xFFFFFFFF
+    return zlib.crc32(bytes(buf[CRC_START:CRC_END])) & 0xFFFFFFFF
 
 
-def write_identity(buf: memoryview, info: HeaderInfo) -> None:
-    """Write block A except ``magic`` (left 0) and set ``header_crc``.
+_FMT = {"u64": "<Q", "u32": "<I", "u16": "<H", "i32": "<i"}
 
-    The caller publishes the segment afterwards with :func:`publish`.
-    """
-    _IDENTITY.pack_into(
-        buf,
-        0,
-        0,
-        info.layout_major,
-        info.layout_minor,
-        info.header_size,
-        info.capacity,
-        info.max_record,
-        info.record_header_size,
-        info.record_align,
-        info.features_incompat,
-        info.features_compat,
-        info.nonce,
-        info.lock_kind,
-        info.wakeup_kind,
-        info.creator_pid,
-        info.created_unix_ns,
-        info.semid_wlock,
-        info.semid_rlock,
-        info.semid_ne,
-        info.semid_nf,
-        info.max_items,
-        info.semid_jn,
-        info.semid_wp,
-        info.semid_rp,
+
+def read_field(buf: bytes | bytearray | memoryview, name: str) -> int:
+    """One integer field of a header."""
+    f = next(f for f in FIELDS if f.name == name)
+    value: int = struct.unpack_from(_FMT[f.type], buf, f.offset)[0]
+    return value
+
+
+def decode_header(buf: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """Every integer field of a header (at least 4096 bytes) by name, plus the owner
+    string, the stored and computed CRCs, and the commit words split into counts and
+    positions. No validation: callers decide what is plausible."""
+    out: dict[str, Any] = {}
+    for f in FIELDS:
+        if f.type in _FMT:
+            out[f.name] = struct.unpack_from(_FMT[f.type], buf, f.offset)[0]
+    out["owner"] = (
+        bytes(buf[OFF["owner"] : OFF["owner"] + OWNER_SIZE]).split(b"\0", 1)[0].decode("ascii", "replace")
     )
-    struct.pack_into("<I", buf, CRC_END, header_crc(buf))
+    out["computed_crc"] = header_crc(buf)
+    for side in ("tail", "head"):
+        count, pos = split_word(out[side])
+        out[f"{side}_count"], out[f"{side}_position"] = count, pos
+    out["records"] = (out["tail_count"] - out["head_count"]) & COUNT_MASK
+    out["used_bytes"] = ((out["tail"] & UNIT_MASK) - (out["head"] & UNIT_MASK) & UNIT_MASK) << 4
+    out["put_total"] = extend_total(out["msgs_put"], out["tail"])
+    out["got_total"] = extend_total(out["msgs_got"], out["head"])
+    for role in ("consumers", "producers", "joiners"):
+        off = OFF[f"waiting_{role}"]
+        words = struct.unpack_from("<16Q", buf, off)
+        out[f"waiting_{role}"] = [
+            w * 64 + b for w, bits in enumerate(words) for b in range(64) if bits >> b & 1
+        ]
+    return out
 
 
-def read_identity(buf: memoryview) -> tuple[int, HeaderInfo, int]:
-    """Return ``(magic, info, stored_crc)`` without validating anything."""
-    (
-        magic,
-        major,
-        minor,
-        header_size,
-        capacity,
-        max_record,
-        rhs,
-        ralign,
-        incompat,
-        compat,
-        nonce,
-        lock_kind,
-        wakeup_kind,
-        pid,
-        created,
-        s_w,
-        s_r,
-        s_ne,
-        s_nf,
-        max_items,
-        s_jn,
-        s_wp,
-        s_rp,
-    ) = _IDENTITY.unpack_from(buf, 0)
-    info = HeaderInfo(
-        capacity=capacity,
-        max_record=max_record,
-        nonce=nonce,
-        lock_kind=lock_kind,
-        wakeup_kind=wakeup_kind,
-        creator_pid=pid,
-        created_unix_ns=created,
-        semid_wlock=s_w,
-        semid_rlock=s_r,
-        semid_ne=s_ne,
-        semid_nf=s_nf,
-        max_items=max_items,
-        semid_jn=s_jn,
-        semid_wp=s_wp,
-        semid_rp=s_rp,
-        layout_major=major,
-        layout_minor=minor,
-        header_size=header_size,
-        record_header_size=rhs,
-        record_align=ralign,
-        features_incompat=incompat,
-        features_compat=compat,
-    )
-    (crc,) = struct.unpack_from("<I", buf, CRC_END)
-    return magic, info, crc
+def decode_lock(token: int) -> tuple[int, int] | None:
+    """A lock word as ``(peer slot, generation)``, or None when the lock is free."""
+    if not token:
+        return None
+    return (token & 0xFFFF) - 1, token >> 16
 
 
-SUPPORTED_FEATURES_INCOMPAT: Final = 0
-"""Incompat feature bits this implementation understands (none in v1.0)."""
+def decode_side_entry(buf: bytes | bytearray | memoryview, index: int) -> dict[str, int | str]:
+    """One side-table entry: state name, ticket, owner slot/generation, size, file_gen."""
+    off = SIDE_TABLE_OFFSET + SIDE_ENTRY_SIZE * index
+    state, size, file_gen = struct.unpack_from("<QQI", buf, off)
+    owner = state >> 32
+    return {
+        "index": index,
+        "state": SIDE_STATES[state & 3],
+        "ticket": (state >> 2) & 0x3FFFFFFF,
+        "owner_slot": (owner & 0xFFFF) - 1,
+        "owner_gen16": owner >> 16,
+        "size": size,
+        "file_gen": file_gen,
+    }
 
 
-def posix_semaphore_names(nonce: int) -> tuple[str, str, str]:
-    """Names of the not-empty, not-full and joined POSIX semaphores (wakeup_kind 1)."""
-    return f"/shmchan.{nonce:016x}.ne", f"/shmchan.{nonce:016x}.nf", f"/shmchan.{nonce:016x}.jn"
+def decode_peer(buf: bytes | bytearray | memoryview, slot: int) -> dict[str, int]:
+    """One peer slot: generation, pid (diagnostic), flags, attach time."""
+    off = PEER_TABLE_OFFSET + PEER_ENTRY_SIZE * slot
+    gen, pid, flags = struct.unpack_from("<III", buf, off)
+    (attached,) = struct.unpack_from("<Q", buf, off + 16)
+    return {"slot": slot, "gen": gen, "pid": pid, "flags": flags, "attached_unix_ns": attached}
 
 
-SIDE_SUFFIX: Final = re.compile(r"\.L[0-9a-f]{16}")
+SIDE_SUFFIX: Final = re.compile(r"\.S[0-9a-f]{2}")
 """What follows a channel's name in the name of one of its side segments."""
 
 
-def side_segment_suffix(seq: int) -> str:
-    """Suffix appended to a channel's name for the side segment of RT_LARGE ``seq``."""
-    return f".L{seq:016x}"
+def side_suffix(index: int) -> str:
+    """Suffix appended to a channel's name for the backing object of side entry ``index``
+    (the entry's ``file_gen`` tells a reader whether the object was re-created)."""
+    return f".S{index:02x}"
 
 
 def oob_layout(pickle_len: int, buffer_lens: list[int]) -> tuple[int, list[int], int]:

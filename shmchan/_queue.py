@@ -39,13 +39,13 @@ import secrets
 from collections.abc import Iterable
 from typing import Any, Final, Generic, TypeVar
 
-from . import _lifetime, _objects
+from . import _core, _lifetime
+from . import _layout as L
 from ._backends import DEFAULT_BACKEND, get_backend
-from ._backends._base import DEFAULT_OPEN_TIMEOUT, Backend, read_owner
-from ._channel import check_timeout, geometry
-from ._core import ChannelCore
+from ._backends._base import DEFAULT_OPEN_TIMEOUT, Backend, CreateParams
+from ._channel import _check_max_items, check_timeout, geometry
+from ._core import NOTHING, deadline_after
 from ._errors import ChannelNotFound, ClosedChannel, Empty, Full
-from ._fence import deadline_after
 
 __all__ = ("DEFAULT_QUEUE_CAPACITY", "JoinableQueue", "Queue", "SimpleQueue")
 
@@ -67,10 +67,24 @@ def _unnamed(backend: str) -> str:
     return token
 
 
+def _deadline(block: bool, timeout: float | None) -> float | None:
+    """The absolute deadline of a put/get: None (no limit), or a monotonic time (in the
+    past for a non-blocking call, which then makes one attempt)."""
+    if not block:
+        return 0.0
+    return deadline_after(check_timeout(timeout))
+
+
+def read_owner(header: bytes) -> str:
+    """The owner field of a header: the lifetime service of an unnamed queue, or ''."""
+    raw = header[L.OFF["owner"] : L.OFF["owner"] + L.OWNER_SIZE]
+    return raw.split(b"\0", 1)[0].decode("ascii", "replace")
+
+
 class _QueueCore(Generic[T]):
     """What every queue face shares: the attachment, the codec, the lifetime hold."""
 
-    _core: ChannelCore
+    _core: Any
     _impl: Backend
     _name: str
     _backend: str
@@ -93,14 +107,12 @@ class _QueueCore(Generic[T]):
             self._name = self._impl.normalize_name(name)
             self._owner = ""
         try:
-            seg = self._impl.create(
-                self._name, cap, max_record, 0o600, max_items=self._maxsize, owner=self._owner.encode()
-            )
+            params = CreateParams(cap, max_record, 0o600, max_items=self._maxsize, owner=self._owner.encode())
+            self._core = _core.create(self._backend, self._name, params)
         except BaseException:
             if self._owner:
                 _lifetime.release(self._owner, self._backend, self._name)
             raise
-        self._core = ChannelCore(seg)
         self._closed = False
 
     def _attach(self, name: str, backend: str, token: str = "", owner: str | None = None) -> None:
@@ -118,14 +130,14 @@ class _QueueCore(Generic[T]):
                     f"queue {self._name!r} was released by every process that used it"
                 ) from None
         try:
-            seg = self._impl.open(self._name, DEFAULT_OPEN_TIMEOUT)
-            found = read_owner(seg.buf)
+            core = _core.attach(backend, self._name, DEFAULT_OPEN_TIMEOUT)
+            found = read_owner(core.raw(0, L.HEADER_BASE))
             if owner is None and found:  # opened by name: hold it like any other user
                 try:
                     _lifetime.hold(found, backend, self._name)
                     held = True
                 except _lifetime.ServiceGone:
-                    seg.close()
+                    core.close()
                     raise ChannelNotFound(f"queue {self._name!r} is being removed") from None
         except BaseException:
             if held and owner:
@@ -135,8 +147,8 @@ class _QueueCore(Generic[T]):
             if owner and token:
                 _lifetime.redeem(owner, token)
         self._owner = found if held else ""
-        self._maxsize = seg.info.max_items
-        self._core = ChannelCore(seg)
+        self._maxsize = core.max_items
+        self._core = core
         self._closed = False
 
     # -- shared operations -----------------------------------------------------------------
@@ -147,41 +159,39 @@ class _QueueCore(Generic[T]):
     def _put(self, obj: Any, block: bool, timeout: float | None) -> None:
         if self._closed:
             raise self._closed_error()
-        deadline = deadline_after(check_timeout(timeout)) if block else deadline_after(0.0)
-        if not _objects.send(self._core, self._impl, self._name, obj, deadline):
+        if not self._core.put(obj, None if block and timeout is None else _deadline(block, timeout)):
             raise Full
 
     def _get(self, block: bool, timeout: float | None) -> Any:
         if self._closed:
             raise self._closed_error()
-        deadline = deadline_after(check_timeout(timeout)) if block else deadline_after(0.0)
-        item = _objects.receive(self._core, self._impl, self._name, deadline)
-        if item is _objects.NOTHING:
+        item = self._core.get(None if block and timeout is None else _deadline(block, timeout))
+        if item is NOTHING:
             raise Empty
         return item
 
     def _put_many(self, objs: Iterable[Any], block: bool, timeout: float | None) -> None:
         if self._closed:
             raise self._closed_error()
-        deadline = deadline_after(check_timeout(timeout)) if block else deadline_after(0.0)
-        sent, total = _objects.send_many(self._core, self._impl, self._name, objs, deadline)
-        if sent < total:
-            raise Full(f"{sent} of {total} items were put before the deadline", sent=sent)
+        items = objs if isinstance(objs, (list, tuple)) else list(objs)
+        sent = self._core.put_many(items, _deadline(block, timeout))
+        if sent < len(items):
+            raise Full(f"{sent} of {len(items)} items were put before the deadline", sent=sent)
 
     def _get_many(self, max_items: int, block: bool, timeout: float | None) -> list[Any]:
         if self._closed:
             raise self._closed_error()
-        deadline = deadline_after(check_timeout(timeout)) if block else deadline_after(0.0)
-        items = _objects.receive_many(self._core, self._impl, self._name, max_items, deadline)
+        _check_max_items(max_items)
+        items: list[Any] = self._core.get_many(max_items, _deadline(block, timeout))
         if not items:
             raise Empty
         return items
 
     def _get_or_nothing(self) -> Any:
-        """One non-blocking get for select(): the item or _objects.NOTHING."""
+        """One non-blocking get for select(): the item or NOTHING."""
         if self._closed:
             raise self._closed_error()
-        return _objects.receive(self._core, self._impl, self._name, deadline_after(0.0))
+        return self._core.get(0.0)
 
     @property
     def closed(self) -> bool:
@@ -203,7 +213,8 @@ class _QueueCore(Generic[T]):
     def _qsize(self) -> int:
         if self._closed:
             raise self._closed_error()
-        return self._core.ring.items()
+        size: int = self._core.qsize()
+        return size
 
     # -- lifecycle --------------------------------------------------------------------------
 

@@ -1,25 +1,22 @@
 """``select``: receive exactly one item from whichever of several sources has one.
 
-Like Go's ``select`` over receives: the sources are tried in turn (each call, and
-each retry, starting one source further than the last, so none starves), one item is consumed from the first that has
-one, and the others are left untouched. While none has anything, the caller is
-registered as a waiting consumer on every source and sleeps until any of them is
-posted: a helper thread per source sleeps on that source's semaphore for at
-most one wait slice, and gives back a wakeup it took after another source won (so
-the threads of one select call end within a wait slice of its return).
+Like Go's ``select`` over receives: the sources are tried in turn (each call, and each
+retry, starting one source further than the last, so none starves), one item is
+consumed from the first that has one, and the others are left untouched. While none has
+anything, the caller is registered as a waiting consumer on every source and sleeps
+until any of them is posted: one FUTEX_WAITV system call over every source's event
+counter, for at most one wait slice at a time.
 """
 
 from __future__ import annotations
 
 import itertools
-import threading
 from collections.abc import Sequence
 from typing import Any
 
-from . import _objects
-from ._core import WAIT_SLICE, ChannelCore, Waiter
+from . import _cext
+from ._core import EV_NOT_EMPTY, NOTHING, WAIT_SLICE, deadline_after, remaining
 from ._errors import Empty, EndOfChannel
-from ._fence import deadline_after, remaining
 
 _turns = itertools.count()
 """Where the next select starts trying sources: successive calls (and retries) begin
@@ -36,6 +33,8 @@ def check_sources(sources: Sequence[Any]) -> None:
 
     if not sources:
         raise ValueError("select() needs at least one channel or queue")
+    if len(sources) > 128:
+        raise ValueError("select() takes at most 128 sources")
     for source in sources:
         if not isinstance(source, (Channel, _QueueCore)):
             raise TypeError(f"select() takes shmchan channels and queues, not {type(source).__name__}")
@@ -64,16 +63,16 @@ def try_each(sources: Sequence[Any], start: int) -> tuple[Any, Any] | None:
         except EndOfChannel:
             ended += 1
             continue
-        if item is not _objects.NOTHING:
+        if item is not NOTHING:
             return source, item
     if ended == n:
         raise EndOfChannel("every channel given to select() is at end of stream")
     return None
 
 
-def try_each_ready(cores: Sequence[ChannelCore]) -> bool:
+def try_each_ready(cores: Sequence[Any]) -> bool:
     """Whether any core has a record now (a racy peek, to re-check after registering)."""
-    return any(not core.ring.is_empty() for core in cores)
+    return any(not core.is_empty() for core in cores)
 
 
 def select(*sources: Any, timeout: float | None = None) -> tuple[Any, Any]:
@@ -88,6 +87,7 @@ def select(*sources: Any, timeout: float | None = None) -> tuple[Any, Any]:
 
     check_sources(sources)
     deadline = deadline_after(check_timeout(timeout))
+    cores = [s._core for s in sources]
     while True:
         found = try_each(sources, next_start())
         if found is not None:
@@ -95,39 +95,12 @@ def select(*sources: Any, timeout: float | None = None) -> tuple[Any, Any]:
         left = remaining(deadline)
         if left == 0:
             raise Empty(f"no item arrived on any of {len(sources)} sources")
-        cores = [s._core for s in sources]
+        seqs = [core.seq(EV_NOT_EMPTY) for core in cores]
         for core in cores:
-            core.register(Waiter.CONSUMER)
+            core.register(EV_NOT_EMPTY, 1)
         try:
             if not try_each_ready(cores):  # re-check after registering (docs/layout.md 8)
-                _wait_any(cores, WAIT_SLICE if left is None else min(left, WAIT_SLICE))
+                _cext.wait_any(cores, seqs, WAIT_SLICE if left is None else min(left, WAIT_SLICE))
         finally:
             for core in cores:
-                core.unregister(Waiter.CONSUMER)
-
-
-def _wait_any(cores: Sequence[ChannelCore], timeout: float) -> None:
-    wakeups = [core.seg.not_empty for core in cores]
-    if len(wakeups) == 1:
-        wakeups[0].wait(timeout)
-        return
-    fired = threading.Event()
-    lock = threading.Lock()
-
-    def sleep_on(index: int) -> None:
-        try:
-            got = wakeups[index].wait(timeout)
-        except Exception:  # noqa: BLE001 - removed or closed: the caller's retry will say so
-            got = False
-        with lock:
-            if got and fired.is_set():
-                wakeups[index].post()  # another source won: give this wakeup back
-            elif got:
-                fired.set()
-
-    helpers = [threading.Thread(target=sleep_on, args=(i,), daemon=True) for i in range(len(wakeups))]
-    for helper in helpers:
-        helper.start()
-    fired.wait(timeout)
-    with lock:
-        fired.set()  # helpers that wake from now on hand their wakeup back
+                core.register(EV_NOT_EMPTY, -1)

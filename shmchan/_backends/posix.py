@@ -1,119 +1,133 @@
-"""The ``posix`` backend (the default): POSIX shared memory and POSIX named semaphores.
+"""The ``posix`` backend (the default): POSIX shared memory.
 
-The segment is ``shm_open(name)`` (on Linux a file ``/dev/shm/<name>``), locks are
-OFD locks on its descriptor and wakeups are two POSIX named semaphores whose names
-derive from the header's nonce (see :mod:`shmchan._backends._filebacked`).
+The segment is ``shm_open(name)`` (on Linux the file ``/dev/shm/<name>``), and its side
+objects are ``<name>.S<index as 2 hex digits>``. Liveness is OFD locks on the segment's
+descriptor (:mod:`shmchan._backends._filebacked`); everything else is in the segment.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from typing import Any
 
 import posix_ipc
 
+from .. import _cext
 from .. import _layout as L
-from .._errors import ChannelExists, ChannelNotFound, CorruptChannel
+from .._errors import AccessDenied, ChannelExists
 from . import _base, _filebacked
-from ._base import Segment
+from ._base import CreateParams, SideMap
+
+SHM_DIR = "/dev/shm"
+
+
+def _open_fd(name: str, flags: int = 0, mode: int = 0o600) -> int:
+    """shm_open through posix_ipc; its errors become shmchan's."""
+    try:
+        shm = posix_ipc.SharedMemory(name, flags, mode=mode, size=0)
+    except posix_ipc.ExistentialError as exc:
+        if flags & posix_ipc.O_EXCL:
+            raise ChannelExists(f"channel {name!r} already exists (posix)") from exc
+        raise _filebacked.not_found(name, "posix") from exc
+    except posix_ipc.PermissionsError as exc:
+        raise AccessDenied(f"channel {name!r} (posix): permission denied") from exc
+    except OSError as exc:
+        raise _filebacked.os_error(f"opening {name!r}", exc) from exc
+    fd: int = shm.fd  # ours to close: posix_ipc never closes it behind our back
+    return fd
 
 
 class PosixBackend:
-    """POSIX shm + POSIX named semaphores, via ``posix_ipc``."""
+    """POSIX shm via ``posix_ipc``."""
 
     name = "posix"
 
     def normalize_name(self, name: str) -> str:
         return _base.check_ipc_name(name)
 
-    def create(
-        self,
-        name: str,
-        capacity: int,
-        max_record: int,
-        permissions: int,
-        max_items: int = 0,
-        owner: bytes = b"",
-    ) -> Segment:
+    def create(self, name: str, params: CreateParams, ctx: Any) -> _cext.Core:
         name = self.normalize_name(name)
+        fd = _open_fd(name, posix_ipc.O_CREX, params.permissions)
         try:
-            shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=permissions, size=0)
-        except posix_ipc.ExistentialError as exc:
-            raise ChannelExists(f"channel {name!r} already exists (posix)") from exc
-        fd = shm.fd  # ours to close: posix_ipc never closes it behind our back
-        try:
-            return _filebacked.guard(
-                f"creating {name!r}",
-                lambda: _filebacked.build(
-                    name, self.name, fd, capacity, max_record, permissions, max_items, owner
-                ),
-            )
+            return _filebacked.guard(f"creating {name!r}", lambda: _filebacked.build(fd, name, params, ctx))
         except BaseException:
             _unlink_quietly(name)
             raise
         finally:
             os.close(fd)
 
-    def open(self, name: str, timeout: float) -> Segment:
+    def open(self, name: str, timeout: float, allow_foreign: bool, ctx: Any) -> _cext.Core:
         name = self.normalize_name(name)
-        try:
-            shm = posix_ipc.SharedMemory(name)
-        except posix_ipc.ExistentialError as exc:
-            raise ChannelNotFound(f"no channel {name!r} (posix)") from exc
-        fd = shm.fd
+        fd = _open_fd(name)
         try:
             return _filebacked.guard(
-                f"opening {name!r}", lambda: _filebacked.attach(name, self.name, fd, timeout)
+                f"opening {name!r}", lambda: _filebacked.attach(fd, name, timeout, allow_foreign, ctx)
             )
         finally:
             os.close(fd)
 
-    def remove(self, name: str) -> None:
-        name = self.normalize_name(name)
+    def peek(self, name: str) -> bytes:
+        """The header page of the channel, without attaching (b"" if unreadable)."""
+        fd = _open_fd(self.normalize_name(name))
         try:
-            shm = posix_ipc.SharedMemory(name)
-        except posix_ipc.ExistentialError as exc:
-            raise ChannelNotFound(f"no channel {name!r} (posix)") from exc
-        try:
-            nonce = _filebacked.read_nonce(shm.fd)
+            return _filebacked.peek(fd)
         finally:
-            os.close(shm.fd)
-        if nonce is not None:
-            _filebacked.unlink_wakeups(nonce)
-        for side in _filebacked.side_names_in("/dev/shm", name[1:]):
-            _unlink_quietly("/" + side)
-        _unlink_quietly(name)
+            os.close(fd)
 
-    def create_side(
-        self, name: str, seq: int, size: int, permissions: int
-    ) -> tuple[memoryview, Callable[[], None]]:
-        side = name + L.side_segment_suffix(seq)
+    def owner_of(self, name: str) -> tuple[int, int]:
+        fd = _open_fd(self.normalize_name(name))
         try:
-            shm = posix_ipc.SharedMemory(side, posix_ipc.O_CREX, mode=permissions, size=0)
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        return st.st_uid, st.st_mode & 0o777
+
+    def remove(self, name: str, force: bool = False) -> None:
+        name = self.normalize_name(name)
+        fd = _open_fd(name)
+        try:
+            if not force:
+                _filebacked.check_removable(fd, name)
+        finally:
+            os.close(fd)
+        self.side_remove_all(name)
+        try:
+            posix_ipc.unlink_shared_memory(name)
         except posix_ipc.ExistentialError as exc:
-            raise ChannelExists(f"side segment {side!r} already exists") from exc
+            raise _filebacked.not_found(name, "posix") from exc
+        except posix_ipc.PermissionsError as exc:
+            raise AccessDenied(f"cannot remove channel {name!r} (posix): permission denied") from exc
+
+    # -- side objects ---------------------------------------------------------------------
+
+    def side_create(self, name: str, index: int, size: int, permissions: int) -> SideMap:
+        side = name + L.side_suffix(index)
+        _unlink_quietly(side)
+        fd = _open_fd(side, posix_ipc.O_CREX, permissions)
         try:
-            return _filebacked.create_side_file(shm.fd, size, permissions)
+            return _filebacked.side_build(fd, size, permissions)
         except BaseException:
             _unlink_quietly(side)
             raise
         finally:
-            os.close(shm.fd)
+            os.close(fd)
 
-    def open_side(self, name: str, seq: int) -> memoryview:
-        side = name + L.side_segment_suffix(seq)
+    def side_open(
+        self, name: str, index: int, trust: tuple[int, int] | None, cached: SideMap | None
+    ) -> SideMap | None:
+        side = name + L.side_suffix(index)
         try:
-            shm = posix_ipc.SharedMemory(side)
-        except posix_ipc.ExistentialError as exc:
-            raise CorruptChannel(f"side segment {side!r} of a message is missing") from exc
+            fd = _open_fd(side)
+        except FileNotFoundError:
+            return None
         try:
-            _unlink_quietly(side)
-            return _filebacked.map_side_file(shm.fd)
+            return _filebacked.side_map(fd, trust, cached, f"side segment {side!r}")
         finally:
-            os.close(shm.fd)
+            os.close(fd)
 
-    def remove_side(self, name: str, seq: int) -> None:
-        _unlink_quietly(name + L.side_segment_suffix(seq))
+    def side_remove_all(self, name: str) -> None:
+        for side in _filebacked.side_names_in(SHM_DIR, name[1:]):
+            _unlink_quietly("/" + side)
 
 
 def _unlink_quietly(name: str) -> None:

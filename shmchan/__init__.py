@@ -6,7 +6,6 @@ share a channel with Python.
 
 from __future__ import annotations
 
-from ._async import aselect
 from ._backends import BACKENDS, DEFAULT_BACKEND, available_backends
 from ._channel import DEFAULT_CAPACITY, Channel
 from ._errors import (
@@ -36,7 +35,7 @@ from ._errors import (
 from ._layout import LAYOUT_MAJOR as _MAJOR
 from ._layout import LAYOUT_MINOR as _MINOR
 from ._queue import DEFAULT_QUEUE_CAPACITY, JoinableQueue, Queue, SimpleQueue
-from ._select import select
+from ._select import aselect, select
 from ._version import __version__
 
 LAYOUT_VERSION = (_MAJOR, _MINOR)

@@ -186,9 +186,9 @@ def _fields() -> tuple[Field, ...]:
     add("readers_seen", 4, "u32")
     off = 1152
     # Block I, waiter bitmaps: bit i set while peer slot i has a sleeper.
-    add("waiting_consumers", WAITER_BITMAP_BYTES, "u64[16]")
-    add("waiting_producers", WAITER_BITMAP_BYTES, "u64[16]")
-    add("waiting_joiners", WAITER_BITMAP_BYTES, "u64[16]")
+    add("waiting_consumers", WAITER_BITMAP_BYTES, "u64x16")
+    add("waiting_producers", WAITER_BITMAP_BYTES, "u64x16")
+    add("waiting_joiners", WAITER_BITMAP_BYTES, "u64x16")
     return tuple(out)
 
 

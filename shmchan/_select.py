@@ -104,3 +104,17 @@ def select(*sources: Any, timeout: float | None = None) -> tuple[Any, Any]:
         finally:
             for core in cores:
                 core.register(EV_NOT_EMPTY, -1)
+
+
+async def aselect(*sources: Any) -> tuple[Any, Any]:
+    """The async twin of :func:`select`: wait (without blocking the event loop) until
+    one of ``sources`` has an item, and return ``(source, item)``. Exactly one item is
+    consumed; cancelling consumes none. Use a cancel scope for a timeout. Raises
+    EndOfChannel once every source is a channel at end of stream.
+
+    (The async machinery, and anyio, are imported on first use: ``import shmchan``
+    stays light for processes that never use the async face.)
+    """
+    from ._async import aselect as run
+
+    return await run(*sources)

@@ -1,9 +1,11 @@
-"""Crash safety (docs/layout.md, section 10): what a peer's death or stop can cost.
+"""Crash safety (docs/layout.md, sections 6 and 10): what a peer's death or stop can cost.
 
-Every peer here is a separate interpreter (tests/helpers/procs.py). Children announce
-each step on stdout ("locked", "ready", ...) and the parent acts only on those lines
-or on shared counters polled against a deadline; nothing is synchronised by sleeping.
-Every child is killed and reaped in a ``finally``.
+Every peer here is a separate interpreter. A child is parked *inside* a critical
+section deterministically, with the C library's test-only fault points
+(``SHMCHAN_TEST_FAULT="point:stop"``: the child stops itself there with SIGSTOP); the
+parent sees it stopped in /proc, checks that it is waited for and not robbed, kills it,
+and checks that another process takes the lock over at once and that no message is
+lost, torn or duplicated and every count is exact. Nothing is synchronised by sleeping.
 """
 
 from __future__ import annotations
@@ -12,453 +14,778 @@ import os
 import random
 import signal
 import struct
+import sys
 import time
 import zlib
+from pathlib import Path
 
+import anyio
 import pytest
-from helpers.children import Child, child, drain, proc_state, wait_until
+from helpers.children import Child, child, proc_state, wait_until
 
 import shmchan
-from shmchan import Channel
+from shmchan import _cext
 from shmchan import _layout as L
 
-OPEN = """
-    import sys
+FAULT_PRELUDE = """
+    import os, sys
+    os.environ["SHMCHAN_TEST_FAULT"] = FAULT
     import shmchan
-    from shmchan import _layout as L
-    ch = shmchan.Channel.open(NAME, backend=BACKEND)
-    core = ch._core
-    ring = core.ring
 """
 
-# -- 1. a lock holder killed at each commit boundary ---------------------------------------
+BIG = 3 << 20  # larger than a 64 KiB ring's largest record: travels in a side segment
 
-PRODUCER_DIES = (
-    OPEN
+
+def header(q: shmchan.Queue[bytes]) -> dict[str, object]:
+    return L.decode_header(q._core.raw(0, L.HEADER_BASE))
+
+
+def side_states(q: shmchan.Queue[bytes]) -> list[str]:
+    raw = q._core.raw(0, L.PEER_TABLE_OFFSET)
+    return [str(L.decode_side_entry(raw, i)["state"]) for i in range(q._core.side_slots)]
+
+
+def big_message(tag: int) -> bytes:
+    return bytes([tag]) * BIG
+
+
+def wait_stopped(c: Child) -> None:
+    wait_until(lambda: proc_state(c.pid) in "Tt", 10, f"child {c.pid} to park at its fault point")
+
+
+def kill_where_it_is(c: Child) -> None:
+    """SIGKILL a stopped child without letting it run first (Child.kill continues it)."""
+    os.kill(c.pid, signal.SIGKILL)
+    c.finish(timeout=10)
+
+
+# -- 1. a lock holder killed inside each critical section --------------------------------
+
+PRODUCER = (
+    FAULT_PRELUDE
     + """
-    assert core.seg.wlock.acquire(None)
-    idx = ring.tail & ring.mask
-    if POINT == "before_commit":
-        # A half-written record: a header promising 200 bytes, then 64 bytes of junk.
-        junk = (200 | (L.RT_BYTES << 32)).to_bytes(8, "little") + bytes(8) + b"GARBAGE!" * 8
-        core.seg.buf[L.HEADER_SIZE + idx : L.HEADER_SIZE + idx + len(junk)] = junk
-    else:
-        # Committed (tail stored) but neither unlocked nor posted.
-        assert ring.try_write(memoryview(b"committed-by-the-dead"))
-    print("locked", flush=True)
-    sys.stdin.readline()
+    q = shmchan.JoinableQueue.open(NAME, backend=BACKEND)
+    MESSAGE = bytes([99]) * SIZE if SIZE else b"dying-message"
+    print("ready", flush=True)
+    q.put(MESSAGE)
+    print("unreachable", flush=True)
 """
 )
-
-
-@pytest.mark.parametrize("point", ["before_commit", "after_commit"])
-def test_producer_killed_holding_write_lock(backend: str, name: str, point: str) -> None:
-    with Channel.create(name, capacity=1 << 16, backend=backend) as ch:
-        before = [b"before-%d" % i for i in range(3)]
-        for msg in before:
-            ch.send_bytes(msg)
-        with child(PRODUCER_DIES, NAME=name, BACKEND=backend, POINT=point) as c:
-            c.expect("locked")
-            with pytest.raises(shmchan.Full):  # the child really holds the write lock
-                ch.send_bytes(b"blocked", timeout=0.05)
-            if point == "before_commit":
-                assert b"GARBAGE!" in bytes(ch._core.seg.buf[L.HEADER_SIZE :])
-            c.kill()
-            assert c.proc.returncode == -signal.SIGKILL
-        t0 = time.monotonic()
-        ch.send_bytes(b"after-0", timeout=2)
-        assert time.monotonic() - t0 < 1.0, "the dead producer's lock was not freed promptly"
-        ch.send_bytes(b"after-1", timeout=2)
-        got = drain(ch)
-        dead = [b"committed-by-the-dead"] if point == "after_commit" else []
-        assert got == [*before, *dead, b"after-0", b"after-1"]
-        assert ch._core.ring.state() == L.STATE_NORMAL
-        assert ch._core.ring.head == ch._core.ring.tail
-
-
-CONSUMER_DIES = (
-    OPEN
-    + """
-    assert core.seg.rlock.acquire(None)
-    if POINT == "before_head":
-        # Read the record (but do not store head): what a get does before its commit.
-        idx = ring.head & ring.mask
-        n = ring._q[ring._hdr + (idx >> 3)] & 0xFFFFFFFF
-        seen = bytes(core.seg.buf[L.HEADER_SIZE + idx + 16 : L.HEADER_SIZE + idx + 16 + n])
-    else:
-        seen = ring.try_read()[1]  # head stored: the get is committed
-    assert seen == b"msg-0", seen
-    print("locked", flush=True)
-    sys.stdin.readline()
-"""
-)
-
-
-@pytest.mark.parametrize("point", ["before_head", "after_head"])
-def test_consumer_killed_holding_read_lock(backend: str, name: str, point: str) -> None:
-    with Channel.create(name, capacity=1 << 16, backend=backend) as ch:
-        for i in range(3):
-            ch.send_bytes(b"msg-%d" % i)
-        with child(CONSUMER_DIES, NAME=name, BACKEND=backend, POINT=point) as c:
-            c.expect("locked")
-            with pytest.raises(shmchan.Empty):  # the child really holds the read lock
-                ch.recv_bytes(timeout=0.05)
-            c.kill()
-        t0 = time.monotonic()
-        first = ch.recv_bytes(timeout=2)
-        assert time.monotonic() - t0 < 1.0, "the dead consumer's lock was not freed promptly"
-        rest = drain(ch)
-        if point == "before_head":
-            assert [first, *rest] == [b"msg-0", b"msg-1", b"msg-2"]  # redelivered
-        else:
-            assert [first, *rest] == [b"msg-1", b"msg-2"]  # taken by the dead consumer
-        ch.send_bytes(b"still works", timeout=1)
-        assert ch.recv_bytes(timeout=1) == b"still works"
-
 
 CONSUMER = (
-    OPEN
+    FAULT_PRELUDE
     + """
+    q = shmchan.JoinableQueue.open(NAME, backend=BACKEND)
     print("ready", flush=True)
-    msg = ch.recv_bytes(timeout=TIMEOUT)
-    print("got", msg.decode(), flush=True)
+    q.get()
+    print("unreachable", flush=True)
 """
 )
 
-
-def test_committed_but_never_posted_reaches_a_waiter(backend: str, name: str) -> None:
-    """A producer that dies between its commit and its post: the waiter still gets the
-    message within about one wait slice (it re-checks at least once per slice)."""
-    with Channel.create(name, capacity=1 << 16, backend=backend) as ch:
-        ring = ch._core.ring
-        with child(CONSUMER, NAME=name, BACKEND=backend, TIMEOUT=10.0) as cons:
-            cons.expect("ready")
-            wait_until(lambda: ring.consumers_waiting() == 1, 10, "the consumer to wait")
-            with child(PRODUCER_DIES, NAME=name, BACKEND=backend, POINT="after_commit") as prod:
-                t0 = time.monotonic()
-                prod.expect("locked")
-                line = cons.expect("got", timeout=5)
-                assert line == "got committed-by-the-dead"
-                assert time.monotonic() - t0 < 1.5
-                prod.kill()
-            assert cons.finish(timeout=10) == 0, cons.stderr
-        wait_until(lambda: ring.consumers_waiting() == 0, 5, "the waiter to deregister")
+# point -> (side, big message?, the dying message is delivered?, the consumed one is redelivered?)
+POINTS = {
+    "w.locked": ("w", False, False, None),
+    "w.written": ("w", False, False, None),
+    "w.committed": ("w", False, True, None),
+    "side.queued": ("w", True, False, None),
+    "r.locked": ("r", False, None, True),
+    "r.taken": ("r", False, None, True),
+    "r.committed": ("r", False, None, False),
+    "r.taken-side": ("r", True, None, True),
+    "r.committed-side": ("r", True, None, False),
+}
 
 
-# -- 2. a waiter killed while registered ---------------------------------------------------
-
-
-def test_waiter_killed_while_registered(backend: str, name: str) -> None:
-    with Channel.create(name, capacity=1 << 16, backend=backend) as ch:
-        ring = ch._core.ring
-        with child(CONSUMER, NAME=name, BACKEND=backend, TIMEOUT=None) as dead:
-            dead.expect("ready")
-            wait_until(lambda: ring.consumers_waiting() == 1, 10, "the first consumer to wait")
-            dead.kill()
-        # Its registration outlives it (section 10): the counter is one too high.
-        assert ring.consumers_waiting() == 1
-        # Another consumer still gets a message promptly.
-        with child(CONSUMER, NAME=name, BACKEND=backend, TIMEOUT=10.0) as live:
-            live.expect("ready")
-            wait_until(lambda: ring.consumers_waiting() == 2, 10, "the second consumer to wait")
+@pytest.mark.parametrize("point", list(POINTS))
+def test_holder_killed_inside_a_critical_section(backend: str, name: str, point: str) -> None:
+    """While the holder is stopped inside the section it is waited for: calls with a
+    timeout time out and nothing is taken from it. Once it is killed, the next process
+    takes the lock over within 50 ms, nothing is lost or torn beyond what section 10
+    says, and the counts follow the commit points exactly."""
+    side, big, delivered, redelivered = POINTS[point]
+    fault = point.removesuffix("-side") + ":stop"
+    q: shmchan.JoinableQueue[bytes] = shmchan.JoinableQueue(name=name, backend=backend, capacity=1 << 16)
+    try:
+        before = [big_message(i) if big else b"before-%d" % i for i in range(3)]
+        if side == "r":
+            for msg in before:
+                q.put(msg)
+        dying = big_message(99) if big else b"dying-message"
+        code = PRODUCER if side == "w" else CONSUMER
+        with child(code, NAME=name, BACKEND=backend, FAULT=fault, SIZE=BIG if big else 0) as c:
+            c.expect("ready")
+            wait_stopped(c)
+            lock = header(q)["wlock" if side == "w" else "rlock"]
+            assert L.decode_lock(int(str(lock))) is not None, "the parked child holds the lock"
+            # A stopped holder is alive: waited for, never robbed; timeouts still hold.
             t0 = time.monotonic()
-            ch.send_bytes(b"hello", timeout=1)
-            assert live.expect("got", timeout=5) == "got hello"
-            assert time.monotonic() - t0 < 1.0
-            assert live.finish(timeout=10) == 0, live.stderr
-        assert ring.consumers_waiting() == 1  # only the dead one's stale registration
-        # With nobody waiting but a stale count, producers post only while the
-        # semaphore is 0: its value stays bounded instead of growing per send.
-        for i in range(1000):
-            ch.send_bytes_nowait(b"%d" % i)
-        assert ch._core.seg.not_empty.value() <= 2
-        assert drain(ch) == [b"%d" % i for i in range(1000)]
-        assert ch._core.seg.not_empty.value() <= 2
-        # A spurious token costs a wakeup, not a wrong result.
-        with pytest.raises(shmchan.Empty):
-            ch.recv_bytes(timeout=0.3)
-
-
-# -- 3. a lock holder that is stopped, not dead --------------------------------------------
-
-HOLDER = (
-    OPEN
-    + """
-    lock = core.seg.wlock if SIDE == "write" else core.seg.rlock
-    assert lock.acquire(None)
-    print("locked", flush=True)
-    sys.stdin.readline()
-    lock.release()
-    print("released", flush=True)
-    sys.stdin.readline()
-"""
-)
-
-
-@pytest.mark.parametrize("side", ["write", "read"])
-def test_stopped_lock_holder_delays_but_timeouts_hold(backend: str, name: str, side: str) -> None:
-    with Channel.create(name, capacity=1 << 16, backend=backend) as ch:
-        ch.send_bytes(b"queued")
-        with child(HOLDER, NAME=name, BACKEND=backend, SIDE=side) as c:
-            try:
-                c.expect("locked")
-                c.signal(signal.SIGSTOP)
-                wait_until(lambda: proc_state(c.pid) in "Tt", 5, "the child to stop")
-                t0 = time.monotonic()
-                if side == "write":
-                    with pytest.raises(shmchan.Full):
-                        ch.send_bytes(b"x", timeout=0.2)
-                else:
-                    with pytest.raises(shmchan.Empty):
-                        ch.recv_bytes(timeout=0.2)
-                elapsed = time.monotonic() - t0
-                assert 0.2 <= elapsed <= 0.6, elapsed
-                # The other side's lock is separate: it is not held up by this one.
-                if side == "write":
-                    assert ch.recv_bytes(timeout=1) == b"queued"
-                else:
-                    ch.send_bytes(b"more", timeout=1)
-            finally:
-                c.signal(signal.SIGCONT)
-            c.tell("release")
-            c.expect("released")
-            t0 = time.monotonic()
-            ch.send_bytes(b"after", timeout=2)
-            got = drain(ch)
-            assert time.monotonic() - t0 < 1.0
-            assert got == ([b"after"] if side == "write" else [b"queued", b"more", b"after"])
-            c.close_stdin()
-            assert c.finish(timeout=10) == 0, c.stderr
-
-
-# -- 4. random SIGKILL stress --------------------------------------------------------------
-
-STRESS_HEADER = struct.Struct("<IIII")  # producer id, seq, body length, crc32(body)
-CHAOS_SECONDS = 6.0
-FINAL_BATCH = 50
-
-STRESS_PRODUCER = """
-    import random, struct, sys, threading, zlib
-    import shmchan
-    ch = shmchan.Channel.open(NAME, backend=BACKEND)
-    stop = threading.Event()
-    def watch():
-        sys.stdin.read()  # EOF: the parent asks for a final batch
-        stop.set()
-    threading.Thread(target=watch, daemon=True).start()
-    hdr = struct.Struct("<IIII")
-    rng = random.Random(PID)
-    seq, last = 0, None
-    while last is None or seq < last:
-        if last is None and stop.is_set():
-            last = seq + FINAL
-        body = rng.randbytes(rng.randrange(0, 600))
-        msg = hdr.pack(PID, seq, len(body), zlib.crc32(body)) + body
+            if side == "w":
+                with pytest.raises(shmchan.Full):
+                    q.put(b"while-stopped", timeout=0.15)
+            else:
+                with pytest.raises(shmchan.Empty):
+                    q.get(timeout=0.15)
+            assert 0.15 <= time.monotonic() - t0 < 1.0
+            assert header(q)["wlock" if side == "w" else "rlock"] == lock
+            recoveries = int(str(header(q)["recoveries"]))
+            kill_where_it_is(c)
+        # The lock is taken over at once (liveness is the kernel's, not a timeout).
+        t0 = time.monotonic()
+        if side == "w":
+            q.put(b"after", timeout=2)
+        else:
+            first = q.get(timeout=2)
+        took = time.monotonic() - t0
+        assert took < 0.05, f"took {took * 1000:.1f} ms to take over the lock of a dead holder"
+        assert int(str(header(q)["recoveries"])) == recoveries + 1
+        got = [] if side == "w" else [first]
         while True:
             try:
-                ch.send_bytes(msg, timeout=0.5)
+                got.append(q.get_nowait())
+            except shmchan.Empty:
                 break
-            except shmchan.Full:
-                pass
-        print("A", seq, flush=True)  # acknowledged: send_bytes returned
-        seq += 1
+        if side == "w":
+            assert got == ([dying] if delivered else []) + [b"after"]
+            assert q._core.put_total() == len(got)
+        else:
+            assert got == (before if redelivered else before[1:])
+            assert q._core.put_total() == 3
+            assert q._core.got_total() == 3  # the dead consumer's committed get counts too
+        h = header(q)
+        assert h["records"] == 0 and q.qsize() == 0
+        assert h["put_total"] == q._core.put_total() and h["got_total"] == q._core.got_total()
+        assert h["wlock"] == h["rlock"] == 0
+        # JoinableQueue counting follows too: every put is one unfinished task.
+        assert q._core.unfinished() == q._core.put_total()
+        for _ in range(q._core.put_total()):
+            q.task_done()
+        assert q._core.unfinished() == 0
+        # The side pool is whole again: all its entries can hold messages at once (an
+        # entry a dead reader or writer left is reclaimed when needed), then all are free.
+        slots = q._core.side_slots
+        for i in range(slots):
+            q.put(big_message(200 + i), timeout=5)
+        assert [q.get(timeout=5) for _ in range(slots)] == [big_message(200 + i) for i in range(slots)]
+        assert side_states(q) == ["free"] * slots
+    finally:
+        q.close()
+        q.unlink()
+
+
+# -- 2. a stopped holder: every timeout holds, the event loop keeps running ----------------
+
+HOLDER = (
+    FAULT_PRELUDE
+    + """
+    q = shmchan.Queue.open(NAME, backend=BACKEND)
+    print("ready", flush=True)
+    q.put(b"held") if FAULT.startswith("w.") else q.get()
+    print("done", flush=True)
+    sys.stdin.readline()
+"""
+)
+
+
+@pytest.mark.parametrize("side", ["w", "r"])
+def test_every_timeout_holds_while_a_stopped_peer_holds_a_lock(backend: str, name: str, side: str) -> None:
+    """select(timeout=1), an async get/put under fail_after(1), and a put larger than the
+    ring with timeout=1 all return after about 1 s while a stopped peer holds the lock
+    they need; the async ones never block their event loop; after SIGCONT nothing is
+    lost."""
+    q: shmchan.Queue[bytes] = shmchan.Queue(name=name, backend=backend, capacity=1 << 16)
+    try:
+        q.put(b"queued")
+        fault = "w.written:stop" if side == "w" else "r.locked:stop"
+        with child(HOLDER, NAME=name, BACKEND=backend, FAULT=fault) as c:
+            c.expect("ready")
+            wait_stopped(c)
+            try:
+                t0 = time.monotonic()
+                if side == "r":
+                    with pytest.raises(shmchan.Empty):
+                        shmchan.select(q, timeout=1)
+                else:
+                    with pytest.raises(shmchan.Full):
+                        q.put(big_message(1), timeout=1)
+                assert 1.0 <= time.monotonic() - t0 < 2.0
+
+                async def main() -> float:
+                    ticks = 0
+                    longest = 0.0
+
+                    async def ticker() -> None:
+                        nonlocal ticks, longest
+                        last = time.monotonic()
+                        while True:
+                            await anyio.sleep(0.01)
+                            now = time.monotonic()
+                            longest = max(longest, now - last)
+                            last = now
+                            ticks += 1
+
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(ticker)
+                        t0 = time.monotonic()
+                        with pytest.raises(TimeoutError):
+                            with anyio.fail_after(1):
+                                if side == "r":
+                                    await q.async_q.get()
+                                else:
+                                    await q.async_q.put(b"async")
+                        elapsed = time.monotonic() - t0
+                        tg.cancel_scope.cancel()
+                    assert ticks >= 50, "the event loop was blocked"
+                    assert longest < 0.25, f"the event loop stalled for {longest:.3f} s"
+                    return elapsed
+
+                for backend_name in ("asyncio", "trio"):
+                    elapsed = anyio.run(main, backend=backend_name)
+                    assert 1.0 <= elapsed < 2.0, (backend_name, elapsed)
+            finally:
+                c.signal(signal.SIGCONT)
+            c.expect("done")
+            c.tell("exit")
+            assert c.finish(timeout=10) == 0, c.stderr
+        rest = []
+        while True:
+            try:
+                rest.append(q.get_nowait())
+            except shmchan.Empty:
+                break
+        assert rest == ([b"queued", b"held"] if side == "w" else [])
+    finally:
+        q.close()
+        q.unlink()
+
+
+# -- 3. signals: a storm of SIGINTs, and handlers that send ------------------------------
+
+SIGINT_STORM = """
+    import signal
+    import shmchan
+    q = shmchan.Queue.open(NAME, backend=BACKEND)
+    armed = False
+    handled = 0
+
+    def on_sigint(signum, frame):
+        # Ctrl-C, but only around the calls under test (so the bookkeeping survives).
+        global handled
+        handled += 1
+        if armed:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    put_ok, put_int, get_ok, get_int, waits_int = [], [], [], 0, 0
+    print("ready", flush=True)
+    for i in range(N):
+        try:
+            armed = True
+            q.put(i)
+            armed = False
+            put_ok.append(i)
+        except KeyboardInterrupt:
+            armed = False
+            put_int.append(i)
+        try:
+            armed = True
+            v = q.get(timeout=1)
+            armed = False
+            get_ok.append(v)
+        except KeyboardInterrupt:
+            armed = False
+            get_int += 1
+        if i % 50 == 0:  # a wait on an empty queue, to be interrupted while asleep
+            try:
+                armed = True
+                v = q.get(timeout=0.002)
+                armed = False
+                get_ok.append(v)
+            except shmchan.Empty:
+                armed = False
+            except KeyboardInterrupt:
+                armed = False
+                waits_int += 1
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print("result", repr((put_ok, put_int, get_ok, get_int, waits_int, handled)), flush=True)
+"""
+
+
+def test_sigint_storm_never_leaves_a_lock_held(backend: str, name: str) -> None:
+    """Hundreds of Ctrl-Cs land during puts and gets: a call that raised
+    KeyboardInterrupt had no effect or had finished; no lock is ever left held; nothing
+    is delivered twice; the queue keeps working."""
+    q: shmchan.Queue[int] = shmchan.Queue(name=name, backend=backend, capacity=1 << 16)
+    try:
+        with child(SIGINT_STORM, NAME=name, BACKEND=backend, N=60000) as c:
+            c.expect("ready")
+            sent = 0
+            while c.proc.poll() is None and sent < 5000:
+                c.signal(signal.SIGINT)
+                sent += 1
+                time.sleep(0.0002)  # pacing of the storm, not synchronisation
+            line = c.expect("result", timeout=60)
+            assert c.finish(timeout=30) == 0, c.stderr
+        put_ok, put_int, get_ok, get_int, waits_int, handled = eval(line.split(" ", 1)[1])  # noqa: S307
+        assert handled >= 600, f"only {handled} interrupts reached the child"
+        assert len(put_int) + get_int + waits_int >= 20, "the storm interrupted too few calls to mean anything"
+        h = header(q)  # type: ignore[arg-type]
+        assert h["wlock"] == h["rlock"] == 0, "a lock was left held"
+        rest = []
+        while True:
+            try:
+                rest.append(q.get_nowait())
+            except shmchan.Empty:
+                break
+        received = get_ok + rest
+        assert len(received) == len(set(received)), "a message was delivered twice"
+        # Every put that returned is delivered (to a get that returned, or still queued),
+        # except those a get took just before its KeyboardInterrupt arrived (at most one
+        # per interrupted get); an interrupted put delivered at most once.
+        # A get interrupted while asleep had no effect (the queue was empty anyway, and
+        # nothing it was woken for is lost: the count check below covers it).
+        missing = set(put_ok) - set(received)
+        assert len(missing) <= get_int, (len(missing), get_int)
+        assert set(received) <= set(put_ok) | set(put_int)
+        q.put(-1)
+        assert q.get(timeout=1) == -1
+    finally:
+        q.close()
+        q.unlink()
+
+
+HANDLER_SENDS = """
+    import itertools, signal, sys
+    import shmchan
+    ch = shmchan.Channel.open(NAME, backend=BACKEND, mode="w")
+    # Handlers nest (a signal can land inside the handler), so every send takes a unique
+    # number first and records its success by an append (both atomic under the GIL).
+    numbers = {"main": itertools.count(), "handler": itertools.count()}
+    done = {"main": [], "handler": []}
+    def on_alarm(signum, frame):
+        k = next(numbers["handler"])
+        try:
+            ch.send(("handler", k), timeout=1)
+        except shmchan.Full:
+            return
+        done["handler"].append(k)
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+    for _ in range(N):
+        k = next(numbers["main"])
+        ch.send(("main", k), timeout=5)
+        done["main"].append(k)
+    signal.setitimer(signal.ITIMER_REAL, 0)
     ch.close()
+    print("sent", repr(done), flush=True)
+"""
+
+
+def test_a_signal_handler_that_sends_never_reenters(backend: str, name: str) -> None:
+    """A signal handler that sends on the handle the main code is sending on cannot
+    enter the critical section twice (it is C code that runs no Python): every send
+    that returned is received exactly once; the main code's in order."""
+    with shmchan.Channel.create(name, backend=backend, capacity=1 << 20, mode="r") as rx:
+        with child(HANDLER_SENDS, NAME=name, BACKEND=backend, N=60000) as c:
+            got: list[tuple[str, int]] = []
+            while True:
+                try:
+                    got.extend(rx.recv_many(4096, timeout=30))
+                except shmchan.EndOfChannel:
+                    break
+            line = c.expect("sent", timeout=30)
+            assert c.finish(timeout=30) == 0, c.stderr
+        done = eval(line.split(" ", 1)[1])  # noqa: S307 - our own child's repr
+        assert len(done["handler"]) > 100, "the handler hardly ran"
+        assert len(got) == len(set(got)), "a message was delivered twice"
+        assert sorted(got) == sorted([("main", k) for k in done["main"]] + [("handler", k) for k in done["handler"]])
+        assert [k for who, k in got if who == "main"] == list(range(60000))
+
+
+# -- 4. threads with timeouts, in several processes ------------------------------------------
+
+THREADS = """
+    import threading, zlib
+    import shmchan
+    q = shmchan.Queue.open(NAME, backend=BACKEND)
+    received = []
+    def producer(t):
+        for i in range(N):
+            body = bytes([t]) * (i % 300)
+            msg = (t, i, zlib.crc32(body), body)
+            while True:
+                try:
+                    q.put(msg, timeout=0.0005)  # short timeouts: many give up mid-wait
+                    break
+                except shmchan.Full:
+                    pass
+    def consumer(ci):
+        while True:
+            try:
+                m = q.get(timeout=0.0005)
+            except shmchan.Empty:
+                if done.is_set():
+                    return
+                continue
+            received.append((PREFIX * 10 + ci, m[0], m[1], zlib.crc32(m[3]) == m[2]))
+    done = threading.Event()
+    producers = [threading.Thread(target=producer, args=(PREFIX * 10 + t,)) for t in range(3)]
+    consumers = [threading.Thread(target=consumer, args=(ci,)) for ci in range(3)]
+    for t in producers + consumers:
+        t.start()
+    for t in producers:
+        t.join()
+    print("produced", flush=True)
+    input()
+    done.set()
+    for t in consumers:
+        t.join()
+    print("got", repr(received), flush=True)
+"""
+
+
+def test_threads_with_timeouts_in_several_processes_exactly_once(backend: str, name: str) -> None:
+    """Three threads putting and three getting, with timeouts that expire constantly, in
+    each of two processes, on one small queue: every message arrives exactly once, whole,
+    in order per thread (a thread's failed or timed-out wait never frees another thread's
+    lock: the sysv defect of version 1)."""
+    q: shmchan.Queue[object] = shmchan.Queue(name=name, backend=backend, capacity=4096)
+    try:
+        kids = [Child(THREADS, NAME=name, BACKEND=backend, N=1500, PREFIX=p) for p in (1, 2)]
+        try:
+            for k in kids:
+                k.expect("produced", timeout=120)
+            for k in kids:
+                k.tell("go")
+            results = [eval(k.expect("got", timeout=60).split(" ", 1)[1]) for k in kids]  # noqa: S307
+            for k in kids:
+                assert k.finish(timeout=30) == 0, k.stderr
+        finally:
+            for k in kids:
+                k.kill()
+        everything = [r for res in results for r in res]
+        assert all(ok for *_, ok in everything), "a torn message"
+        keys = [(t, i) for _, t, i, _ in everything]
+        assert len(keys) == len(set(keys)) == 2 * 3 * 1500
+        # In order per producer thread, as each consumer thread saw them.
+        last: dict[tuple[int, int], int] = {}
+        for c, t, i, _ in everything:
+            assert i > last.get((c, t), -1)
+            last[(c, t)] = i
+    finally:
+        q.close()
+        q.unlink()
+
+
+# -- 5. fork: a child that cannot re-attach never uses its parent's identity --------------
+
+FORK_NO_FDS = """
+    import os, resource, sys
+    import shmchan
+    q = shmchan.Queue.open(NAME, backend=BACKEND)
+    q.put("from-parent")
+    # Fill the descriptor table, so a forked child cannot re-open the segment.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    held = []
+    try:
+        while True:
+            held.append(os.dup(0))
+    except OSError:
+        pass
+    pid = os.fork()
+    if pid == 0:
+        try:
+            q.put("from-child")
+            os._exit(3)  # must not happen: it would use the parent's slot and lock token
+        except OSError as exc:
+            os._exit(7 if BACKEND == "sysv" or exc.errno in (24, 23) else 5)
+        except BaseException:
+            os._exit(6)
+    _, status = os.waitpid(pid, 0)
+    for fd in held:
+        os.close(fd)
+    print("child", os.waitstatus_to_exitcode(status), flush=True)
+    q.put("parent-still-works")
     print("done", flush=True)
 """
 
-STRESS_CONSUMER = """
-    import struct, sys, threading, zlib
+
+def test_forked_child_that_cannot_reattach_raises(backend: str, name: str) -> None:
+    if backend == "sysv":
+        pytest.skip("sysv handles re-attach without descriptors: nothing to exhaust")
+    q: shmchan.Queue[str] = shmchan.Queue(name=name, backend=backend, capacity=1 << 16)
+    try:
+        with child(FORK_NO_FDS, NAME=name, BACKEND=backend) as c:
+            status = int(c.expect("child", timeout=30).split()[1])
+            c.expect("done")
+            assert c.finish(timeout=10) == 0, c.stderr
+        assert status == 7, f"the child's put did not raise EMFILE (exit {status})"
+        assert [q.get(timeout=1), q.get(timeout=1)] == ["from-parent", "parent-still-works"]
+        with pytest.raises(shmchan.Empty):
+            q.get_nowait()
+    finally:
+        q.close()
+        q.unlink()
+
+
+# -- 6. a sleeper killed while registered ----------------------------------------------------
+
+SLEEPER = """
     import shmchan
-    ch = shmchan.Channel.open(NAME, backend=BACKEND)
-    stop = threading.Event()
-    def watch():
-        sys.stdin.read()
-        stop.set()
-    threading.Thread(target=watch, daemon=True).start()
+    q = shmchan.Queue.open(NAME, backend=BACKEND)
+    print("sleeping", flush=True)
+    q.get()
+"""
+
+
+def test_a_sleeper_killed_while_registered_is_uncounted(backend: str, name: str) -> None:
+    """Its waiter bit is swept once wakes find nobody, so producers stop making wake
+    system calls for the dead."""
+    q: shmchan.Queue[int] = shmchan.Queue(name=name, backend=backend, capacity=1 << 16)
+    try:
+        with child(SLEEPER, NAME=name, BACKEND=backend) as c:
+            c.expect("sleeping")
+            wait_until(lambda: bool(header(q)["waiting_consumers"]), 10, "the child to register")  # type: ignore[arg-type]
+            c.kill()
+        for i in range(40):
+            q.put(i)
+            assert q.get(timeout=1) == i
+        assert header(q)["waiting_consumers"] == []  # type: ignore[arg-type]
+    finally:
+        q.close()
+        q.unlink()
+
+
+# -- 7. the creator dies before publishing ------------------------------------------------------
+
+HALF_CREATOR = """
+    import os, sys
+    from shmchan import _cext
+    from shmchan._backends.sysv import sysv_key
+    if BACKEND == "sysv":
+        import sysv_ipc
+        shm = sysv_ipc.SharedMemory(sysv_key(NAME, "shm"), sysv_ipc.IPC_CREX, mode=0o600, size=65536, init_character=b"\\0")
+        semid = _cext.sem_create(sysv_key(NAME, "peers"), 16, 0o600)
+        assert _cext.sem_op(semid, 0, 1, True, True)
+    else:
+        path = NAME if BACKEND == "mmap" else "/dev/shm" + NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        assert _cext.ofd_lock(fd, 0, 8, True)
+        os.ftruncate(fd, 65536)
+    print("creating", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_creator_killed_before_publishing(backend: str, name: str) -> None:
+    """An opener is told at once that the creator died (its creation lock is free and
+    the magic still 0), not after the open timeout; the name can then be removed."""
+    canonical = name if backend == "mmap" else "/" + name.removeprefix("/")
+    with child(HALF_CREATOR, NAME=canonical, BACKEND=backend) as c:
+        c.expect("creating")
+        t0 = time.monotonic()
+        with pytest.raises(shmchan.InitializationTimeout):
+            shmchan.Channel.open(name, backend=backend, timeout=0.3)
+        assert time.monotonic() - t0 >= 0.25, "a live creator must be waited for"
+        c.kill()
+    t0 = time.monotonic()
+    with pytest.raises(shmchan.InitializationTimeout, match="died"):
+        shmchan.Channel.open(name, backend=backend, timeout=5)
+    assert time.monotonic() - t0 < 1.0
+    shmchan.Channel.remove(name, backend=backend)
+    with pytest.raises(shmchan.ChannelNotFound):
+        shmchan.Channel.open(name, backend=backend)
+
+
+# -- 8. chaos: random SIGKILLs of producers and consumers under load ---------------------------
+
+CHAOS_SECONDS = float(os.environ.get("SHMCHAN_CHAOS_SECONDS", "20"))
+REPORT = struct.Struct("<QQ")  # count, then one u64 per message: (producer << 32) | seq (| ok << 63)
+
+CHAOS_PRODUCER = """
+    import mmap, os, struct, sys, zlib
+    import shmchan
+    q = shmchan.Queue.open(NAME, backend=BACKEND)
+    fd = os.open(REPORT, os.O_RDWR)
+    rep = memoryview(mmap.mmap(fd, 0)).cast("Q")
+    seq = rep[0]
     hdr = struct.Struct("<IIII")
-    while not stop.is_set():
+    print("ready", flush=True)
+    while True:
+        body = (seq.to_bytes(4, "little") * 64)[: seq % 200]
+        q.put(hdr.pack(PID, seq, len(body), zlib.crc32(body)) + body)
+        rep[1 + seq] = seq + 1   # acknowledged: put returned (written before the count)
+        seq += 1
+        rep[0] = seq
+"""
+
+CHAOS_CONSUMER = """
+    import mmap, os, struct, sys, zlib
+    import shmchan
+    q = shmchan.Queue.open(NAME, backend=BACKEND)
+    fd = os.open(REPORT, os.O_RDWR)
+    rep = memoryview(mmap.mmap(fd, 0)).cast("Q")
+    n = rep[0]
+    unpack = struct.Struct("<IIII").unpack_from
+    print("ready", flush=True)
+    while True:
         try:
-            msg = ch.recv_bytes(timeout=0.2)
+            msg = q.get(timeout=0.5)
         except shmchan.Empty:
             continue
-        if len(msg) < 16:
-            print("R -1 -1 0", flush=True)
-            continue
-        pid, seq, n, crc = hdr.unpack_from(msg)
-        ok = len(msg) == 16 + n and zlib.crc32(msg[16:]) == crc
-        print("R", pid, seq, int(ok), flush=True)
-    ch.close()
-    print("done", flush=True)
+        pid, seq, size, crc = unpack(msg)
+        ok = len(msg) == 16 + size and zlib.crc32(msg[16:]) == crc
+        rep[1 + n] = (pid << 32) | seq | ((1 if ok else 0) << 62) | (1 << 63)
+        n += 1
+        rep[0] = n
 """
 
 
-def _received(lines: list[str]) -> list[tuple[int, int, bool]]:
-    out = []
-    for line in lines:
-        if line.startswith("R "):
-            _, pid, seq, ok = line.split()
-            out.append((int(pid), int(seq), ok == "1"))
+def _report_file(path: Path, slots: int) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(8 * (1 + slots))  # sparse: only what is written takes space
+    return path
+
+
+def _read_report(path: Path) -> list[int]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        words = memoryview(f.read(8 * (n + 1))).cast("Q")
+    out = list(words[:n])
+    if len(words) > n and words[n]:
+        out.append(words[n])  # written, but the count store was cut by the kill
     return out
 
 
 @pytest.mark.slow
-def test_random_sigkill_stress(backend: str, name: str) -> None:
-    rng = random.Random(20240601 + ["posix", "sysv", "mmap"].index(backend))
-    ch = Channel.create(name, capacity=4096, backend=backend)
-    next_pid = 0
-    slots: list[tuple[str, Child, int]] = []  # (kind, child, producer id or -1)
-    finished: list[tuple[str, Child, int]] = []
-    producer_kills = consumer_kills = 0
+def test_chaos_sigkill_producers_and_consumers(backend: str, name: str, tmp_path: Path) -> None:
+    """Two producers and two consumers; every 50-300 ms one of them is SIGKILLed and a new
+    one started, for 20 s. Nothing acknowledged is lost except what a consumer killed
+    after its get's commit took with it (at most one per consumer kill), nothing torn,
+    nothing duplicated, per-producer order kept, no stall over 1 s, over 100 000 msgs/s
+    delivered, nothing leaked."""
+    rng = random.Random(20261207 + ["posix", "sysv", "mmap"].index(backend))
+    q: shmchan.Queue[bytes] = shmchan.Queue(name=name, backend=backend, capacity=1 << 20)
+    slots = 8_000_000
+    producers: dict[int, Path] = {}
+    consumer_reports: list[Path] = []
+    live: list[tuple[str, Child]] = []
+    consumer_kills = 0
 
-    def start(kind: str) -> tuple[str, Child, int]:
-        nonlocal next_pid
+    def start(kind: str) -> tuple[str, Child]:
         if kind == "P":
-            next_pid += 1
-            code, pid = STRESS_PRODUCER, next_pid
-            return kind, Child(code, NAME=name, BACKEND=backend, PID=pid, FINAL=FINAL_BATCH), pid
-        return kind, Child(STRESS_CONSUMER, NAME=name, BACKEND=backend), -1
+            pid = len(producers) + 1
+            producers[pid] = _report_file(tmp_path / f"p{pid}", slots)
+            return kind, Child(CHAOS_PRODUCER, NAME=name, BACKEND=backend, PID=pid, REPORT=str(producers[pid]))
+        path = _report_file(tmp_path / f"c{len(consumer_reports)}", slots)
+        consumer_reports.append(path)
+        return kind, Child(CHAOS_CONSUMER, NAME=name, BACKEND=backend, REPORT=str(path))
+
+    def delivered() -> int:
+        total = 0
+        for path in consumer_reports:
+            with open(path, "rb") as f:
+                total += struct.unpack("<Q", f.read(8))[0]
+        return total
 
     try:
-        slots = [start("P"), start("P"), start("C"), start("C")]
-        deadline = time.monotonic() + CHAOS_SECONDS
-        while time.monotonic() < deadline:
-            time.sleep(rng.uniform(0.05, 0.3))  # load pattern, not synchronisation
-            i = rng.randrange(len(slots))
-            kind, victim, pid = slots[i]
-            victim.kill()
-            finished.append(slots[i])
-            if kind == "P":
-                producer_kills += 1
-            else:
-                consumer_kills += 1
-            slots[i] = start(kind)
-        # Stop killing. The consumers leave first; then the producers send a final
-        # batch and leave while the parent drains everything as the only consumer.
-        for kind, c, _ in slots:
-            if kind == "C":
-                c.close_stdin()
-                assert c.finish(timeout=30) == 0, c.stderr
-        producers = [c for kind, c, _ in slots if kind == "P"]
-        for c in producers:
-            c.close_stdin()
-        drained = []
-        deadline = time.monotonic() + 30
+        live = [start("P"), start("P"), start("C"), start("C")]
+        for _, c in live:
+            c.expect("ready", timeout=30)
+        t_start = time.monotonic()
+        last_progress, last_count = t_start, delivered()
+        longest_stall = 0.0
+        capable_since: float | None = t_start
+        next_kill = t_start + rng.uniform(0.05, 0.3)
+        while (now := time.monotonic()) < t_start + CHAOS_SECONDS:
+            # A stall counts only while a started producer and a started consumer are
+            # alive (a new interpreter takes a while to start on a loaded machine).
+            capable = all(any(k == kind and "ready" in c.complete for k, c in live) for kind in "PC")
+            if capable and capable_since is None:
+                capable_since = now
+            elif not capable:
+                capable_since = None
+            count = delivered()
+            if count != last_count:
+                last_progress, last_count = now, count
+            elif capable_since is not None:
+                stall = now - max(last_progress, capable_since)
+                longest_stall = max(longest_stall, stall)
+                if stall > 1.0:
+                    h = header(q)
+                    states = [(kind, c.pid, proc_state(c.pid)) for kind, c in live]
+                    pytest.fail(
+                        f"no message delivered for {stall:.2f} s: records {h['records']}, "
+                        f"wlock {L.decode_lock(int(str(h['wlock'])))}, "
+                        f"rlock {L.decode_lock(int(str(h['rlock'])))}, "
+                        f"waiting consumers {h['waiting_consumers']}, producers {h['waiting_producers']}, "
+                        f"workers {states}; stderr: {[c.stderr[-500:] for _, c in live]}"
+                    )
+            if now >= next_kill:
+                i = rng.randrange(len(live))
+                kind, victim = live[i]
+                victim.kill()
+                consumer_kills += kind == "C"
+                live[i] = start(kind)
+                next_kill = now + rng.uniform(0.05, 0.3)
+            time.sleep(0.01)  # the watchdog's sampling period, not synchronisation
+        elapsed = time.monotonic() - t_start
+        for _, c in live:
+            c.kill()
+        live = []
+        drained: list[bytes] = []
         while True:
             try:
-                drained.append(_parse_drained(ch.recv_bytes(timeout=0.2)))
+                drained.extend(q.get_many(4096, timeout=0))
             except shmchan.Empty:
-                if all(c.proc.poll() is not None for c in producers):
-                    break
-            assert time.monotonic() < deadline, "the producers' final batches never arrived"
-        drained += [_parse_drained(m) for m in drain(ch)]
-        for c in producers:
-            assert c.finish(timeout=10) == 0, c.stderr
-            assert c.complete[-1] == "done"
-        finished += slots
-        slots = []
-        assert ch._core.ring.state() == L.STATE_NORMAL
-        assert ch._core.ring.head == ch._core.ring.tail
+                break
     finally:
-        for _, c, _ in slots:
+        for _, c in live:
             c.kill()
-        ch.close()
+        q.close()
+        q.unlink()
 
-    acked: dict[int, set[int]] = {}
-    clean_exit: set[int] = set()
-    per_consumer: list[list[tuple[int, int, bool]]] = [drained]
-    for kind, c, pid in finished:
-        if kind == "P":
-            acked[pid] = {int(line.split()[1]) for line in c.complete if line.startswith("A ")}
-            if c.proc.returncode == 0:
-                clean_exit.add(pid)
-        else:
-            per_consumer.append(_received(c.complete))
-    everything = [r for rs in per_consumer for r in rs]
-
-    assert producer_kills >= 3 and consumer_kills >= 3, (producer_kills, consumer_kills)
-    assert sum(len(s) for s in acked.values()) > 500, "too little traffic to mean anything"
-    # Nothing torn.
-    assert all(ok for _, _, ok in everything), [r for r in everything if not r[2]][:10]
-    # Nothing delivered twice.
-    keys = [(pid, seq) for pid, seq, _ in everything]
+    acked = {pid: {w - 1 for w in _read_report(path)} for pid, path in producers.items()}
+    received: list[tuple[int, int, bool]] = []
+    per_consumer: list[list[tuple[int, int]]] = []
+    for path in consumer_reports:
+        mine = [((w >> 32) & 0x3FFFFFFF, w & 0xFFFFFFFF, bool(w >> 62 & 1)) for w in _read_report(path)]
+        received += mine
+        per_consumer.append([(p, s) for p, s, _ in mine])
+    hdr = struct.Struct("<IIII")
+    for msg in drained:
+        pid, seq, size, crc = hdr.unpack_from(msg)
+        received.append((pid, seq, len(msg) == 16 + size and zlib.crc32(msg[16:]) == crc))
+    rate = len(received) / elapsed
+    sys.stderr.write(
+        f"chaos[{backend}]: {len(received)} delivered in {elapsed:.1f} s = {rate:,.0f} msgs/s, "
+        f"{consumer_kills} consumer kills, longest stall {longest_stall:.3f} s\n"
+    )
+    assert all(ok for *_, ok in received), "a torn message"
+    keys = [(p, s) for p, s, _ in received]
     assert len(keys) == len(set(keys)), "a message was delivered twice"
-    # Nothing that was never sent: at most the one in-flight message of a killed producer
-    # may arrive without having been acknowledged.
-    for pid, seq in keys:
-        assert pid in acked, f"message from unknown producer {pid}"
-        limit = len(acked[pid]) if pid in clean_exit else len(acked[pid]) + 1
-        assert seq < limit, f"message ({pid}, {seq}) was never sent"
-    for pid, seqs in acked.items():
-        assert seqs == set(range(len(seqs))), f"producer {pid} acknowledged a gapped sequence"
-    # FIFO per producer, as seen by each consumer.
-    for rs in per_consumer:
+    for p, s in keys:
+        assert s in acked.get(p, set()) or s == len(acked.get(p, ())), f"({p}, {s}) was never sent"
+    seen = set(keys)
+    lost = [(p, s) for p, seqs in acked.items() for s in seqs if (p, s) not in seen]
+    assert len(lost) <= consumer_kills, (len(lost), consumer_kills)
+    for mine in per_consumer:
         last: dict[int, int] = {}
-        for pid, seq, _ in rs:
-            assert seq > last.get(pid, -1), f"producer {pid}'s messages out of order"
-            last[pid] = seq
-    # Acknowledged messages are all received, except at most one per consumer kill
-    # (taken by a consumer killed after its head store).
-    got = set(keys)
-    lost = [(pid, seq) for pid, seqs in acked.items() for seq in seqs if (pid, seq) not in got]
-    assert len(lost) <= consumer_kills, (lost[:20], consumer_kills)
+        for p, s in mine:
+            assert s > last.get(p, -1), f"producer {p} out of order"
+            last[p] = s
+    assert longest_stall < 1.0
+    assert rate >= 100_000, f"only {rate:,.0f} msgs/s delivered under chaos"
+    assert consumer_kills >= 5
 
 
-def _parse_drained(msg: bytes) -> tuple[int, int, bool]:
-    pid, seq, n, crc = STRESS_HEADER.unpack_from(msg)
-    return pid, seq, len(msg) == 16 + n and zlib.crc32(msg[16:]) == crc
-
-
-# -- 5. the creator dies before publishing ---------------------------------------------------
-
-CREATOR_DIES = """
-    import sys
-    import shmchan
-    from shmchan import _layout as L
-    from shmchan._backends import _base, _filebacked
-
-    def stop_here(nonce):
-        print("dying", f"{nonce:016x}", flush=True)
-        sys.stdin.readline()  # killed here
-
-    if POINT == "before_magic":
-        def publish(buf, info, owner=b""):
-            L.write_identity(buf, info)  # the whole header but the magic
-            stop_here(info.nonce)
-        _base.publish = publish
-    else:
-        make = _filebacked.create_wakeups
-        def create_wakeups(*args, **kwargs):
-            made = make(*args, **kwargs)  # the semaphores exist, the header is still zero
-            stop_here(made[0])
-            return made
-        _filebacked.create_wakeups = create_wakeups
-    shmchan.Channel.create(NAME, capacity=4096, backend=BACKEND)
-"""
-
-
-@pytest.mark.parametrize("point", ["before_magic", "after_semaphores"])
-def test_creator_killed_before_publishing(backend: str, name: str, point: str) -> None:
-    """Section 10: "the creator, before magic: the segment is never published; openers
-    get 'initialisation timeout'; remove the name". Removing it must take everything
-    the dead creator made, its semaphores included (the no_leaks check)."""
-    if point == "after_semaphores" and backend == "sysv":
-        pytest.skip("the sysv backend names every object by key, before any header exists")
-    with child(CREATOR_DIES, NAME=name, BACKEND=backend, POINT=point) as c:
-        nonce = c.expect("dying").split()[1]
-        c.kill()
-    t0 = time.monotonic()
-    with pytest.raises(shmchan.InitializationTimeout):
-        Channel.open(name, backend=backend, timeout=0.3)
-    assert time.monotonic() - t0 < 1.5
-    with pytest.raises(shmchan.ChannelExists):
-        Channel.create(name, capacity=4096, backend=backend)
-    Channel.remove(name, backend=backend)
-    with Channel.create(name, capacity=4096, backend=backend) as ch:  # the name is free again
-        ch.send_bytes(b"reborn")
-        assert ch.recv_bytes_nowait() == b"reborn"
-    if backend != "sysv":
-        sems = [f"/dev/shm/sem.shmchan.{nonce}.{role}" for role in ("ne", "nf")]
-        left = [p for p in sems if os.path.exists(p)]
-        for p in left:  # clean up for the next tests, then fail
-            os.unlink(p)
-        assert not left, "Channel.remove() left the dead creator's semaphores behind"
+def test_fault_points_are_inert_without_the_variable() -> None:
+    """The fault points cost nothing and do nothing unless the test variable is set."""
+    assert "SHMCHAN_TEST_FAULT" not in os.environ
+    q: shmchan.Queue[int] = shmchan.Queue(capacity=4096)
+    try:
+        q.put(1)
+        assert q.get() == 1
+        assert _cext.LAYOUT_MAJOR == 2
+    finally:
+        q.close()

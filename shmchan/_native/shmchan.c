@@ -620,12 +620,15 @@ int shmchan_lock(shmchan_chan *c, int which, double deadline) {
             }
         }
         if (deadline >= 0 && now >= deadline) return SHMCHAN_TIMEOUT;
-        if (iter < 50) {
+        /* A holder keeps the lock for a microsecond unless it is descheduled (a loaded
+         * machine), stopped or dead. For about a millisecond, yield the processor (the
+         * holder may be waiting for it); only then back off to sleeps, never past the
+         * deadline or the next liveness check. */
+        if (now - start < 0.001) {
+            for (int i = 0; i < 16; i++) cpu_relax();
             sched_yield();
             continue;
         }
-        /* A holder keeps the lock for microseconds unless it is descheduled, stopped or
-         * dead: back off to sleeps, never past the deadline or the next liveness check. */
         double until = next_check;
         if (deadline >= 0 && deadline < until) until = deadline;
         double left = until - now;
@@ -634,6 +637,7 @@ int shmchan_lock(shmchan_chan *c, int which, double deadline) {
         struct timespec ts = {0, ns};
         nanosleep(&ts, NULL);
         if (sleep_ns < 1000000) sleep_ns *= 2;
+        (void)iter;
     }
 }
 
@@ -787,6 +791,17 @@ void shmchan_r_commit(shmchan_chan *c, uint64_t at, uint32_t count) {
     uint64_t h = atomic_load_explicit(W64(c, SHMCHAN_OFF_HEAD), memory_order_relaxed);
     if (UNITS(h) == at && !count) return;
     if (count) FAULT("r.taken");
+    /* Whether this get frees enough for waiting producers to be worth waking: it takes
+     * the ring to half full or below, or empties it, or frees an item slot of a ring
+     * that was full by count. (Waking on every get while producers sleep would make
+     * them wake, put one record and sleep again, one system call per message.) */
+    uint64_t t = atomic_load_explicit(W64(c, SHMCHAN_OFF_TAIL), memory_order_acquire);
+    uint64_t before = ((UNITS(t) - UNITS(h)) & SHMCHAN_UNIT_MASK) << 4;
+    uint64_t after = ((UNITS(t) - at) & SHMCHAN_UNIT_MASK) << 4;
+    uint64_t records = (COUNT(t) - COUNT(h)) & SHMCHAN_COUNT_MASK;
+    c->room_freed = after == 0 || (before > c->capacity / 2 && after <= c->capacity / 2) ||
+                    (c->max_items && records >= c->max_items && records - count < c->max_items) ||
+                    (c->max_items && records - count <= c->max_items / 2 && records > c->max_items / 2);
     uint64_t L = atomic_load_explicit(W64(c, SHMCHAN_OFF_MSGS_GOT), memory_order_relaxed);
     uint64_t total = L + ((COUNT(h) - L) & SHMCHAN_COUNT_MASK);
     /* R3: the commit point of the get: our reads of the records before the head (release). */
@@ -920,7 +935,7 @@ void shmchan_after_get(shmchan_chan *c, size_t records) {
     (void)records;
     /* W2: the commit (head store) before reading the waiter bitmaps (full fence). */
     atomic_thread_fence(memory_order_seq_cst);
-    shmchan_wake(c, SHMCHAN_EV_NOT_FULL, 1);
+    if (c->room_freed) shmchan_wake(c, SHMCHAN_EV_NOT_FULL, INT_MAX);
     if (!shmchan_is_empty(c)) shmchan_wake(c, SHMCHAN_EV_NOT_EMPTY, 1); /* the baton */
 }
 

@@ -206,6 +206,7 @@ typedef struct shmchan_chan {
     int64_t spin_ns[2];         /* adaptive spin budgets: [0] receive, [1] send */
     uint32_t idle_wakes;        /* wakes that woke nobody (triggers a waiter sweep) */
     int local_waiters[3];       /* this handle's sleepers per event (reg_lock) */
+    int room_freed;             /* the last get freed enough room to wake producers */
     void *reg_lock;             /* a pthread_mutex_t owned by the library */
     char why[160];              /* what a SHMCHAN_E_CORRUPT/... result was about */
 } shmchan_chan;

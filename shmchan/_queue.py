@@ -34,8 +34,6 @@ lives until :meth:`Queue.unlink`.
 from __future__ import annotations
 
 import contextlib
-import os
-import secrets
 from collections.abc import Iterable
 from typing import Any, Final, Generic, TypeVar
 
@@ -57,14 +55,6 @@ DEFAULT_QUEUE_CAPACITY: Final = 4 << 20
 
 class _ClosedSimpleQueue(ClosedChannel, OSError):
     """A closed SimpleQueue: a ValueError (shmchan) and an OSError (multiprocessing)."""
-
-
-def _unnamed(backend: str) -> str:
-    token = f"shmchan-q-{secrets.token_hex(12)}"
-    if backend == "mmap":
-        directory = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
-        return os.path.join(directory, token)
-    return token
 
 
 def _deadline(block: bool, timeout: float | None) -> float | None:
@@ -101,7 +91,7 @@ class _QueueCore(Generic[T]):
         self._impl = get_backend(self._backend)
         cap, max_record = geometry(DEFAULT_QUEUE_CAPACITY if capacity is None else capacity, None)
         if name is None:
-            self._name = self._impl.normalize_name(_unnamed(self._backend))
+            self._name = self._impl.normalize_name(_lifetime.unnamed_name(self._backend))
             self._owner = _lifetime.create_hold(self._backend, self._name)
         else:
             self._name = self._impl.normalize_name(name)
@@ -115,38 +105,36 @@ class _QueueCore(Generic[T]):
             raise
         self._closed = False
 
-    def _attach(self, name: str, backend: str, token: str = "", owner: str | None = None) -> None:
+    def _attach(self, name: str, backend: str, handoff: Any = "", owner: str | None = None) -> None:
         self._closed = True
         self._backend = backend
         self._impl = get_backend(backend)
         self._name = self._impl.normalize_name(name)
-        held = False
-        if owner:
-            try:
-                _lifetime.hold(owner, backend, self._name)
-                held = True
-            except _lifetime.ServiceGone:
-                raise ChannelNotFound(
-                    f"queue {self._name!r} was released by every process that used it"
-                ) from None
+        held = ""  # the address of the service that holds this handle
         try:
+            if owner:  # unpickled: hold it before opening, so it cannot go meanwhile
+                try:
+                    held = _lifetime.hold(owner, backend, self._name)
+                except _lifetime.ServiceGone:
+                    raise ChannelNotFound(
+                        f"queue {self._name!r} was released by every process that used it"
+                    ) from None
             core = _core.attach(backend, self._name, DEFAULT_OPEN_TIMEOUT)
             found = read_owner(core.raw(0, L.HEADER_BASE))
             if owner is None and found:  # opened by name: hold it like any other user
                 try:
-                    _lifetime.hold(found, backend, self._name)
-                    held = True
+                    held = _lifetime.hold(found, backend, self._name)
                 except _lifetime.ServiceGone:
                     core.close()
                     raise ChannelNotFound(f"queue {self._name!r} is being removed") from None
         except BaseException:
-            if held and owner:
-                _lifetime.release(owner, backend, self._name)
+            if held:
+                _lifetime.release(held, backend, self._name)
             raise
         finally:
-            if owner and token:
-                _lifetime.redeem(owner, token)
-        self._owner = found if held else ""
+            if owner:
+                _lifetime.redeem(held or owner, backend, self._name, handoff)
+        self._owner = held
         self._maxsize = core.max_items
         self._core = core
         self._closed = False
@@ -250,8 +238,10 @@ class _QueueCore(Generic[T]):
     def __reduce__(self) -> tuple[Any, ...]:
         if self._closed:
             raise self._closed_error()
-        token = _lifetime.transfer(self._owner, self._backend, self._name) if self._owner else ""
-        return (_rebuild, (type(self), self._name, self._backend, self._owner, token))
+        owner, handoff = (
+            _lifetime.transfer(self._owner, self._backend, self._name) if self._owner else ("", "")
+        )
+        return (_rebuild, (type(self), self._name, self._backend, owner, handoff))
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"maxsize={self._maxsize}"
@@ -263,9 +253,9 @@ class _QueueCore(Generic[T]):
                 self.close()
 
 
-def _rebuild(cls: type[_QueueCore[Any]], name: str, backend: str, owner: str, token: str) -> Any:
+def _rebuild(cls: type[_QueueCore[Any]], name: str, backend: str, owner: str, handoff: Any) -> Any:
     obj = cls.__new__(cls)
-    obj._attach(name, backend, token, owner)
+    obj._attach(name, backend, handoff, owner)
     return obj
 
 

@@ -2,17 +2,22 @@
 
 Every test that takes ``backend`` runs once per backend; a backend that cannot load
 here is reported as skipped with the reason, never silently dropped. The autouse
-``no_leaks`` fixture fails any test that leaves an object in /dev/shm or in SysV IPC.
+``no_leaks`` fixture fails any test that leaves behind an object shmchan or the tests
+made (see :func:`leaks_since` for what counts), while ignoring what other programs
+sharing the machine create meanwhile.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers.children import descendants
 
 import shmchan
 from shmchan._backends import BACKENDS, available_backends
@@ -23,29 +28,82 @@ BACKEND_PARAMS = [
     for b in BACKENDS
 ]
 DEV_SHM = Path("/dev/shm")
+SHM_PREFIXES = ("shmchan", "sem.shmchan")
+"""The /dev/shm names shmchan and these tests make: segments and their side segments
+(``shmchan-q-*`` unnamed queues, ``shmchan-test-*`` test channels, ``shmchan-bench-*``)
+and POSIX semaphores (``sem.shmchan.<nonce>.*``)."""
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_GETPID = 11  # semctl command: pid of the last semop (Linux also sets it at SETVAL)
 
 
-def _sysv_ids(kind: str) -> set[str]:
+@dataclass(frozen=True)
+class Snapshot:
+    """shmchan's names in /dev/shm, and every SysV object: (kind, id, key) -> pid of its
+    creator (shm) or of its last operation (sem), and the uid that created it."""
+
+    shm: frozenset[str]
+    sysv: dict[tuple[str, str, str], tuple[int, int]]
+
+
+def _sysv(kind: str) -> dict[tuple[str, str, str], tuple[int, int]]:
     try:
         lines = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()[1:]
     except OSError:
-        return set()
-    return {line.split()[1] for line in lines if line.strip()}
+        return {}
+    out = {}
+    for line in lines:
+        f = line.split()
+        if not f:
+            continue
+        if kind == "shm":  # key shmid perms size cpid lpid nattch uid gid cuid ...
+            pid, cuid = int(f[4]), int(f[9])
+        else:  # key semid perms nsems uid gid cuid ...
+            pid, cuid = _libc.semctl(int(f[1]), 0, _GETPID), int(f[6])
+        out[(kind, f[1], f[0])] = (pid, cuid)
+    return out
 
 
-def snapshot() -> tuple[set[str], set[str], set[str]]:
-    """Names in /dev/shm, SysV shm ids, SysV semaphore ids."""
-    return set(os.listdir(DEV_SHM)), _sysv_ids("shm"), _sysv_ids("sem")
+def snapshot() -> Snapshot:
+    names = frozenset(n for n in os.listdir(DEV_SHM) if n.startswith(SHM_PREFIXES))
+    return Snapshot(names, _sysv("shm") | _sysv("sem"))
+
+
+def leaks_since(before: Snapshot) -> list[str]:
+    """What shmchan or the tests made since ``before`` and is still there.
+
+    * /dev/shm: names with shmchan's prefixes (:data:`SHM_PREFIXES`) that are new.
+    * SysV: objects that are new, of our uid, and not made by another program: a SysV
+      object's key derives from a shmchan name by a hash that cannot be inverted, so
+      attribution goes by process instead. A new segment whose creator, or a new
+      semaphore set whose last operator, is a live process outside this test's process
+      tree belongs to another program and is ignored; one made by this process, by a
+      live descendant, or by a process that has exited counts. shmchan's lifetime
+      services (outside the tree) never create SysV objects or operate semaphores, and
+      a process killed by a test has exited. What this can still blame on a test: an
+      object another program of the same uid created and left behind while exiting
+      during the test. What it cannot miss: anything this test's processes made (a
+      semaphore set nobody ever operated has no pid, but shmchan sets every value it
+      creates, which records its pid).
+    """
+    now = snapshot()
+    leaked = sorted(now.shm - before.shm)
+    new = {k: v for k, v in now.sysv.items() if k not in before.sysv and v[1] == os.geteuid()}
+    if new:
+        tree = {os.getpid(), *descendants(os.getpid())}
+        for (kind, ident, key), (pid, _) in sorted(new.items()):
+            if pid > 0 and (pid in tree or not os.path.exists(f"/proc/{pid}")):
+                leaked.append(f"sysv {kind} id={ident} key={key} pid={pid}")
+    return leaked
 
 
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
-    """Fail the test if it left anything in /dev/shm or SysV IPC."""
+    """Fail the test if it left anything of shmchan's in /dev/shm or SysV IPC."""
     before = snapshot()
     yield
-    after = snapshot()
-    leaked = [sorted(a - b) for a, b in zip(after, before, strict=True)]
-    assert leaked == [[], [], []], f"leaked (/dev/shm, sysv shm ids, sysv sem ids): {leaked}"
+    leaked = leaks_since(before)
+    assert not leaked, f"leaked: {leaked}"
 
 
 @pytest.fixture(params=BACKEND_PARAMS)

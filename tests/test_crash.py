@@ -327,7 +327,9 @@ def test_sigint_storm_never_leaves_a_lock_held(backend: str, name: str) -> None:
             assert c.finish(timeout=30) == 0, c.stderr
         put_ok, put_int, get_ok, get_int, waits_int, handled = eval(line.split(" ", 1)[1])  # noqa: S307
         assert handled >= 600, f"only {handled} interrupts reached the child"
-        assert len(put_int) + get_int + waits_int >= 20, "the storm interrupted too few calls to mean anything"
+        assert len(put_int) + get_int + waits_int >= 20, (
+            "the storm interrupted too few calls to mean anything"
+        )
         h = header(q)  # type: ignore[arg-type]
         assert h["wlock"] == h["rlock"] == 0, "a lock was left held"
         rest = []
@@ -397,7 +399,9 @@ def test_a_signal_handler_that_sends_never_reenters(backend: str, name: str) -> 
         done = eval(line.split(" ", 1)[1])  # noqa: S307 - our own child's repr
         assert len(done["handler"]) > 100, "the handler hardly ran"
         assert len(got) == len(set(got)), "a message was delivered twice"
-        assert sorted(got) == sorted([("main", k) for k in done["main"]] + [("handler", k) for k in done["handler"]])
+        assert sorted(got) == sorted(
+            [("main", k) for k in done["main"]] + [("handler", k) for k in done["handler"]]
+        )
         assert [k for who, k in got if who == "main"] == list(range(60000))
 
 
@@ -676,7 +680,9 @@ def test_chaos_sigkill_producers_and_consumers(backend: str, name: str, tmp_path
         if kind == "P":
             pid = len(producers) + 1
             producers[pid] = _report_file(tmp_path / f"p{pid}", slots)
-            return kind, Child(CHAOS_PRODUCER, NAME=name, BACKEND=backend, PID=pid, REPORT=str(producers[pid]))
+            return kind, Child(
+                CHAOS_PRODUCER, NAME=name, BACKEND=backend, PID=pid, REPORT=str(producers[pid])
+            )
         path = _report_file(tmp_path / f"c{len(consumer_reports)}", slots)
         consumer_reports.append(path)
         return kind, Child(CHAOS_CONSUMER, NAME=name, BACKEND=backend, REPORT=str(path))

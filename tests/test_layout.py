@@ -65,11 +65,16 @@ def test_c_header_and_extension_agree_with_module() -> None:
     """Every SHMCHAN_OFF_* of shmchan.h, and the offsets the compiled module was built
     with, equal shmchan/_layout.py's."""
     defines = c_defines()
-    offsets = {k.removeprefix("SHMCHAN_OFF_").lower(): v for k, v in defines.items() if k.startswith("SHMCHAN_OFF_")}
+    offsets = {
+        k.removeprefix("SHMCHAN_OFF_").lower(): v for k, v in defines.items() if k.startswith("SHMCHAN_OFF_")
+    }
     assert offsets == {f.name: f.offset for f in L.FIELDS}
     assert _cext.OFFSETS == offsets
     assert defines["SHMCHAN_MAGIC"] == L.MAGIC
-    assert (defines["SHMCHAN_LAYOUT_MAJOR"], defines["SHMCHAN_LAYOUT_MINOR"]) == (L.LAYOUT_MAJOR, L.LAYOUT_MINOR)
+    assert (defines["SHMCHAN_LAYOUT_MAJOR"], defines["SHMCHAN_LAYOUT_MINOR"]) == (
+        L.LAYOUT_MAJOR,
+        L.LAYOUT_MINOR,
+    )
     assert (_cext.LAYOUT_MAJOR, _cext.LAYOUT_MINOR) == (L.LAYOUT_MAJOR, L.LAYOUT_MINOR)
     assert defines["SHMCHAN_SIDE_TABLE_OFFSET"] == L.SIDE_TABLE_OFFSET
     assert defines["SHMCHAN_PEER_TABLE_OFFSET"] == L.PEER_TABLE_OFFSET
@@ -84,7 +89,11 @@ def test_c_header_and_extension_agree_with_module() -> None:
     for name in ("NORMAL", "CORRUPT", "REMOVED"):
         assert defines[f"SHMCHAN_STATE_{name}"] == getattr(L, f"STATE_{name}")
     sides = {f.name: f.offset for f in L.SIDE_FIELDS}
-    assert (defines["SHMCHAN_SIDE_STATE"], defines["SHMCHAN_SIDE_SIZE"], defines["SHMCHAN_SIDE_FILE_GEN"]) == (
+    assert (
+        defines["SHMCHAN_SIDE_STATE"],
+        defines["SHMCHAN_SIDE_SIZE"],
+        defines["SHMCHAN_SIDE_FILE_GEN"],
+    ) == (
         sides["state"],
         sides["size"],
         sides["file_gen"],
@@ -183,7 +192,13 @@ def test_decode_header_of_a_fresh_segment() -> None:
     assert _cext.check_header(bytes(buf), L.LIVENESS_OFD) == (_cext.OK, "")
     h = L.decode_header(buf)
     assert h["magic"] == L.MAGIC and h["layout_major"] == 2 and h["header_size"] == 8192
-    assert (h["capacity"], h["max_record"], h["max_items"], h["max_peers"], h["side_slots"]) == (4096, 2048, 3, 8, 2)
+    assert (h["capacity"], h["max_record"], h["max_items"], h["max_peers"], h["side_slots"]) == (
+        4096,
+        2048,
+        3,
+        8,
+        2,
+    )
     assert (h["nonce"], h["creator_pid"], h["creator_uid"], h["created_unix_ns"]) == (0xABC, 123, 456, 789)
     assert h["header_crc"] == h["computed_crc"]
     assert h["records"] == h["used_bytes"] == h["put_total"] == 0

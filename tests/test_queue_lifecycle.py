@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import snapshot
-from helpers.children import Child, wait_until
+from conftest import Snapshot, leaks_since, snapshot
+from helpers.children import Child, descendants, wait_until
 from helpers.procs import child_env
 
 import shmchan
@@ -32,31 +32,10 @@ FORK = mp.get_context("fork")
 SPAWN = mp.get_context("spawn")
 
 
-def descendants(root: int) -> list[int]:
-    """Every live process below ``root`` (found through /proc parent links)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            parents[int(entry)] = int(stat[stat.rindex(")") + 2 :].split()[1])
-    found: list[int] = []
-    frontier = [root]
-    while frontier:
-        pid = frontier.pop()
-        kids = [p for p, pp in parents.items() if pp == pid]
-        found += kids
-        frontier += kids
-    return found
-
-
-def wait_clean(baseline: tuple[set[str], set[str], set[str]], timeout: float = 15.0) -> None:
-    """Wait (bounded) until /dev/shm and SysV IPC are back to ``baseline``: the lifetime
+def wait_clean(baseline: Snapshot, timeout: float = 15.0) -> None:
+    """Wait (bounded) until nothing shmchan made since ``baseline`` is left: the lifetime
     service removes queues asynchronously once their last holder is gone."""
-    wait_until(lambda: snapshot() == baseline, timeout, "the lifetime service to remove the queue")
+    wait_until(lambda: not leaks_since(baseline), timeout, "the lifetime service to remove the queue")
 
 
 # -- lifetime of unnamed queues -----------------------------------------------------------
@@ -85,9 +64,8 @@ if __name__ == "__main__":
         q.put(i)
     assert sorted(r.get(timeout=30) for _ in range(200)) == list(range(200))
     print("ready", os.getpid(), *[p.pid for p in procs], flush=True)
-    if mode == "kill":
-        sys.stdin.readline()  # wait to be killed
-    elif mode == "raise":
+    sys.stdin.readline()  # the test has seen the queues (in mode "kill": wait to be killed)
+    if mode == "raise":
         raise RuntimeError("the workload failed")
     # mode "exit": return normally; daemonic workers are terminated at exit
 """
@@ -104,7 +82,7 @@ def test_unnamed_queues_leave_nothing_behind(backend: str, mode: str, tmp_path: 
     try:
         line = child.expect("ready", timeout=60)
         pids = [int(p) for p in line.split()[1:]]
-        assert snapshot() != baseline  # the queues exist while the tree lives
+        assert leaks_since(baseline)  # the queues exist while the tree lives
         if mode == "kill":
             tree = descendants(pids[0])
             assert set(pids[1:]) <= set(tree)
@@ -113,6 +91,7 @@ def test_unnamed_queues_leave_nothing_behind(backend: str, mode: str, tmp_path: 
             child.finish(timeout=30)
             assert child.proc.returncode == -signal.SIGKILL
         else:
+            child.tell("go")  # only now may the tree end (and its queues go)
             code = child.finish(timeout=60)
             assert code == (1 if mode == "raise" else 0), child.stderr
     finally:

@@ -1220,6 +1220,44 @@ static PyObject *Core_mark_corrupt(CoreObject *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* swap_owner(expected, new, deadline) -> bytes: under the write lock, if the owner field
+ * reads `expected`, write `new` (both NUL-padded to 256 bytes); return the field as it
+ * is afterwards. TimeoutError if the lock stays held (by a stopped process) until the
+ * deadline. The lifetime service's re-homing uses it (docs/layout.md 12). */
+static PyObject *Core_swap_owner(CoreObject *self, PyObject *args) {
+    Py_buffer expected, repl;
+    PyObject *dl;
+    if (!PyArg_ParseTuple(args, "y*y*O", &expected, &repl, &dl)) return NULL;
+    double deadline;
+    PyObject *result = NULL;
+    if (expected.len >= SHMCHAN_OWNER_SIZE || repl.len >= SHMCHAN_OWNER_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "owner addresses are shorter than 256 bytes");
+    } else if (parse_deadline(dl, &deadline) == 0 && enter(self) == 0) {
+        int rc = take_lock(self, SHMCHAN_WLOCK, deadline, 0);
+        if (rc == SHMCHAN_OK) {
+            uint8_t *field = self->c.base + SHMCHAN_OFF_OWNER;
+            char want[SHMCHAN_OWNER_SIZE];
+            memset(want, 0, sizeof want);
+            memcpy(want, expected.buf, (size_t)expected.len);
+            if (memcmp(field, want, SHMCHAN_OWNER_SIZE) == 0) {
+                memset(field, 0, SHMCHAN_OWNER_SIZE);
+                memcpy(field, repl.buf, (size_t)repl.len);
+            }
+            result = PyBytes_FromStringAndSize((const char *)field, SHMCHAN_OWNER_SIZE);
+            /* L3: the release store of the lock publishes the new owner. */
+            shmchan_unlock(&self->c, SHMCHAN_WLOCK);
+        } else if (rc == SHMCHAN_TIMEOUT) {
+            PyErr_Format(PyExc_TimeoutError, "the write lock of %R stayed held", self->name);
+        } else {
+            raise_rc(self, rc);
+        }
+        leave(self);
+    }
+    PyBuffer_Release(&expected);
+    PyBuffer_Release(&repl);
+    return result;
+}
+
 /* raw(offset, n) -> bytes: a copy of part of the segment (tests, inspection). */
 static PyObject *Core_raw(CoreObject *self, PyObject *args) {
     unsigned long long off, n;
@@ -1353,6 +1391,7 @@ static PyMethodDef Core_methods[] = {
     {"role_seen", (PyCFunction)Core_role_seen, METH_O, "whether the role ever had a holder"},
     {"mark_corrupt", (PyCFunction)Core_mark_corrupt, METH_O, "mark the channel corrupt"},
     {"raw", (PyCFunction)Core_raw, METH_VARARGS, "raw(offset, n) -> bytes"},
+    {"swap_owner", (PyCFunction)Core_swap_owner, METH_VARARGS, "swap_owner(expected, new, deadline) -> bytes"},
     {"stats", (PyCFunction)Core_stats, METH_NOARGS, "counters of the channel"},
     {"spin_readable", (PyCFunction)Core_spin_readable, METH_NOARGS, "spin briefly for a record"},
     {"close", (PyCFunction)Core_close, METH_NOARGS, "close this handle"},

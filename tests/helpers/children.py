@@ -149,6 +149,27 @@ def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.002)
 
 
+def descendants(root: int) -> list[int]:
+    """Every live process below ``root`` (found through /proc parent links)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+    found: list[int] = []
+    frontier = [root]
+    while frontier:
+        pid = frontier.pop()
+        kids = [p for p, pp in parents.items() if pp == pid]
+        found += kids
+        frontier += kids
+    return found
+
+
 def proc_state(pid: int) -> str:
     with open(f"/proc/{pid}/stat") as f:
         stat = f.read()

@@ -325,7 +325,7 @@ def test_sigint_storm_never_leaves_a_lock_held(backend: str, name: str) -> None:
                 time.sleep(0.0002)  # pacing of the storm, not synchronisation
             line = c.expect("result", timeout=60)
             assert c.finish(timeout=30) == 0, c.stderr
-        put_ok, put_int, get_ok, get_int, waits_int, handled = eval(line.split(" ", 1)[1])  # noqa: S307
+        put_ok, put_int, get_ok, get_int, waits_int, handled = eval(line.split(" ", 1)[1])
         assert handled >= 600, f"only {handled} interrupts reached the child"
         assert len(put_int) + get_int + waits_int >= 20, (
             "the storm interrupted too few calls to mean anything"
@@ -396,7 +396,7 @@ def test_a_signal_handler_that_sends_never_reenters(backend: str, name: str) -> 
                     break
             line = c.expect("sent", timeout=30)
             assert c.finish(timeout=30) == 0, c.stderr
-        done = eval(line.split(" ", 1)[1])  # noqa: S307 - our own child's repr
+        done = eval(line.split(" ", 1)[1])
         assert len(done["handler"]) > 100, "the handler hardly ran"
         assert len(got) == len(set(got)), "a message was delivered twice"
         assert sorted(got) == sorted(
@@ -460,7 +460,7 @@ def test_threads_with_timeouts_in_several_processes_exactly_once(backend: str, n
                 k.expect("produced", timeout=120)
             for k in kids:
                 k.tell("go")
-            results = [eval(k.expect("got", timeout=60).split(" ", 1)[1]) for k in kids]  # noqa: S307
+            results = [eval(k.expect("got", timeout=60).split(" ", 1)[1]) for k in kids]
             for k in kids:
                 assert k.finish(timeout=30) == 0, k.stderr
         finally:

@@ -35,7 +35,7 @@ def doc_rows(after: str) -> list[tuple[int, int, str, str]]:
 
 def c_defines() -> dict[str, int]:
     out = {}
-    for m in re.finditer(r"^#define (SHMCHAN_\w+) \(?(0x[0-9A-Fa-f]+|\d+)", HEADER_H.read_text(), re.M):
+    for m in re.finditer(r"^#define (SHMCHAN_\w+) \(?(0x[0-9A-Fa-f]+|\d+)", HEADER_H.read_text(), re.MULTILINE):
         out[m[1]] = int(m[2], 0)
     return out
 
@@ -121,14 +121,14 @@ def test_fields_do_not_overlap_and_fit() -> None:
 def test_header_size_rule(max_peers: int) -> None:
     expected = -(-(4096 + 32 * max_peers) // 4096) * 4096
     assert L.header_size(max_peers) == _cext.header_size(max_peers) == expected
-    assert "`align4096(4096 + 32 × max_peers)`" in DOC.read_text()
+    assert "`align4096(4096 + 32 \u00d7 max_peers)`" in DOC.read_text()
 
 
 @pytest.mark.parametrize(
     ("text", "value"),
     [
         ("`0x004E4148434D4853`", L.MAGIC),
-        ("on byte `peer_table_offset + 32 × slot`", L.PEER_TABLE_OFFSET),
+        ("on byte `peer_table_offset + 32 \u00d7 slot`", L.PEER_TABLE_OFFSET),
         ("on byte 1024 of the", L.OFF["writers_open"]),
         ("byte 1032 for read rights", L.OFF["readers_open"]),
         ("exclusive OFD lock on bytes [0, 8)", 0),

@@ -36,9 +36,9 @@ from helpers.children import Child, descendants, run_child, wait_until
 from helpers.procs import ROOT, child_env
 
 import shmchan
+from shmchan import _reaper
 from shmchan._backends import get_backend
 from shmchan._queue import read_owner
-from shmchan import _reaper
 
 NOBODY = 65534
 needs_root = pytest.mark.skipif(

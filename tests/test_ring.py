@@ -14,12 +14,11 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from ring_model import RingModel
 
 import shmchan
 from shmchan import _layout as L
 from shmchan._core import NOTHING
-
-from ring_model import RingModel
 
 SIZES = st.integers(min_value=0, max_value=3000) | st.sampled_from([0, 1, 15, 16, 17, 2000, 2032])
 

@@ -1,11 +1,14 @@
-"""Interoperability with the C peer in examples/c (docs/layout.md, posix backend).
+"""Interoperability with C programs (examples/c) built on the shmchan C library.
 
-The C programs are compiled with -Werror, then exchange many random messages with
-Python in both directions, over a Channel and over a named drop-in Queue (whose
-maxsize the C writer must honour, layout.md 2.3). Both sides fold every message into
-the checksum that examples/c/README.md defines and compare the results. The C reader
-must also consume Python objects (PICKLE, PICKLE_OOB, LARGE records) without dying,
-and remove the side segment of a LARGE record.
+The example programs link the library the Python extension is built from
+(shmchan/_native/shmchan.c, and shmchan_posix.c for opening posix channels by name).
+They are compiled with -Werror, once plainly and once with AddressSanitizer and
+UndefinedBehaviorSanitizer, then exchange many random messages with Python in both
+directions, over a Channel and over a named drop-in Queue (whose maxsize the C writer
+must honour), including messages larger than the ring (the side-segment pool). Both
+sides fold every message into the checksum that examples/c/README.md defines and
+compare the results. The C programs hold presence, so Python sees a C writer's end of
+stream and a C reader's departure.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 import pytest
 
 import shmchan
+from shmchan import _layout as L
 
 C_DIR = Path(__file__).resolve().parent.parent / "examples" / "c"
 CC = shutil.which("cc")
@@ -74,20 +78,30 @@ def writer_messages(seed: int, max_payload: int) -> Iterator[bytes]:
         yield words[:n]
 
 
-@pytest.fixture(scope="module")
-def c_peer(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Compile writer and reader; any warning fails the test (-Werror)."""
+NATIVE = Path(__file__).resolve().parent.parent / "shmchan" / "_native"
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+
+
+def compile_peer(out: Path, extra: list[str]) -> dict[str, Path]:
+    """Compile writer and reader against the library; any warning fails (-Werror)."""
     assert CC is not None  # the module is skipped otherwise
-    out = tmp_path_factory.mktemp("c_peer")
     exes = {}
     for prog in ("writer", "reader"):
-        cmd = [CC, "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror",
-               "-o", str(out / prog), str(C_DIR / f"{prog}.c")]  # fmt: skip
-        res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
+        cmd = [CC, "-std=c11", "-O2", "-Wall", "-Wextra", "-Wconversion", "-Werror", *extra,
+               f"-I{NATIVE}", "-o", str(out / prog), str(C_DIR / f"{prog}.c"),
+               str(NATIVE / "shmchan.c"), str(NATIVE / "shmchan_posix.c")]  # fmt: skip
+        res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=180)
         if res.returncode != 0:
             pytest.fail(f"compiling {prog} failed:\n$ {' '.join(cmd)}\n{res.stdout}{res.stderr}")
         exes[prog] = out / prog
     return exes
+
+
+@pytest.fixture(scope="module", params=["plain", "sanitized"])
+def c_peer(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The example programs, plain and under ASan + UBSan (any report aborts them)."""
+    out = tmp_path_factory.mktemp(f"c_peer_{request.param}")
+    return compile_peer(out, SANITIZE if request.param == "sanitized" else [])
 
 
 @contextlib.contextmanager
@@ -119,10 +133,10 @@ def named_queue(maxsize: int, capacity: int = 16384) -> Iterator[shmchan.Queue[o
     assert not os.path.exists("/dev/shm" + q.name)
 
 
-def side_segments(q: shmchan.Queue[object]) -> list[str]:
-    """The queue's side segments in /dev/shm (layout.md 2.5: <name>.L<seq hex>)."""
-    prefix = q.name[1:] + ".L"
-    return sorted(e for e in os.listdir("/dev/shm") if e.startswith(prefix))
+def side_states(q: shmchan.Queue[object]) -> list[str]:
+    """The states of the queue's side-pool entries (layout.md 2.5)."""
+    raw = q._core.raw(0, 4096)
+    return [str(L.decode_side_entry(raw, i)["state"]) for i in range(q._core.side_slots)]
 
 
 @contextlib.contextmanager
@@ -189,20 +203,25 @@ def test_c_to_python(c_peer: dict[str, Path], capacity: int, count: int) -> None
             h = FNV_OFFSET
             total = 0
             start = time.perf_counter()
+            received = 0
             try:
-                for i in range(count):
+                while True:  # to the end of the stream: the C writer's exit ends it
                     data = ch.recv_bytes(timeout=RECV_TIMEOUT)
-                    if i < 200:  # the README's PRNG definition, checked message by message
-                        assert data == next(expected), f"message #{i} differs"
+                    if received == 0:
+                        ch.send_eof()  # the C writer holds write presence: only it now
+                    if received < 200:  # the README's PRNG definition, message by message
+                        assert data == next(expected), f"message #{received} differs"
                     h = fold(h, data)
                     total += len(data)
+                    received += 1
+            except shmchan.EndOfChannel:
+                pass
             except shmchan.Empty as exc:
                 peer_failed(proc, "the C writer", exc)
             line = finish(proc, "the C writer")
             elapsed = time.perf_counter() - start
+        assert received == count
         assert line == f"count={count} checksum={h:016x}"
-        with pytest.raises(shmchan.Empty):  # nothing more than COUNT messages
-            ch.recv_bytes(timeout=0)
     print(f"C->python: {count} messages, {total / 1e6:.1f} MB in {elapsed:.2f} s")
 
 
@@ -282,27 +301,75 @@ def test_queue_to_c_reader(c_peer: dict[str, Path]) -> None:
 def test_c_reader_consumes_python_objects(c_peer: dict[str, Path]) -> None:
     with named_queue(0) as q:
         big_pickle = list(range(5000))
-        assert len(pickle.dumps(big_pickle, protocol=5)) > 16384 // 2  # goes LARGE too
+        assert len(pickle.dumps(big_pickle, protocol=5)) > 16384 // 2  # a side segment too
         q.put(b"first")
         q.put({"a": 1})  # PICKLE
         q.put(bytearray(5000))  # PICKLE_OOB (a top-level bytearray goes out of band)
-        q.put(b"x" * 20000)  # LARGE, inner BYTES: larger than the 16 KiB ring's max
-        q.put(big_pickle)  # LARGE, inner PICKLE
+        q.put(b"x" * 20000)  # raw bytes larger than the 16 KiB ring's largest record
+        q.put(big_pickle)  # a PICKLE in a side segment
         q.put(b"end")
         assert q.qsize() == 6
-        assert len(side_segments(q)) == 2
-        with spawn([str(c_peer["reader"]), "-o", q.name, "2"]) as proc:
+        with spawn([str(c_peer["reader"]), "-o", q.name, "3"]) as proc:
             lines = finish(proc, "the C reader -o").splitlines()
-        assert [re.sub(r"len=\d+", "len=N", x) for x in lines[:4]] == [
-            "other type=2 len=N",
-            "other type=3 len=N",
-            "other type=4 len=N",
-            "other type=4 len=N",
+        assert lines[:3] == [
+            f"other type=2 len={len(pickle.dumps({'a': 1}, protocol=5))}",
+            lines[1],
+            f"other type=2 len={len(pickle.dumps(big_pickle, protocol=5))}",
         ], lines
-        assert lines[2:4] == ["other type=4 len=24"] * 2  # the 24-byte LARGE reference
-        assert lines[4:] == [f"count=2 checksum={fold(fold(FNV_OFFSET, b'first'), b'end'):016x}"]
+        assert re.fullmatch(r"other type=3 len=\d+", lines[1])
+        checksum = fold(fold(fold(FNV_OFFSET, b"first"), b"x" * 20000), b"end")
+        assert lines[3:] == [f"count=3 checksum={checksum:016x}"]
         assert q.qsize() == 0
-        assert side_segments(q) == []  # the C consumer removed them (before unlink())
+        assert side_states(q) == ["free"] * q._core.side_slots  # the C reader freed its entries
+
+
+@pytest.mark.timeout(120)
+def test_large_messages_both_ways(c_peer: dict[str, Path]) -> None:
+    """Messages up to 200 KB through a 16 KiB ring: most travel in the side-segment
+    pool, written by Python and read by C, and written by C and read by Python."""
+    count, seed = 300, 0xB16
+    with posix_channel(16384) as ch:
+        with spawn([str(c_peer["writer"]), ch.name, str(count), str(seed), "200000"]) as proc:
+            expected = writer_messages(seed, 200000)
+            h = FNV_OFFSET
+            for i in range(count):
+                data = ch.recv_bytes(timeout=RECV_TIMEOUT)
+                if i == 0:
+                    ch.send_eof()  # the C writer holds write presence by now
+                assert data == next(expected), f"message #{i} differs"
+                h = fold(h, data)
+            with pytest.raises(shmchan.EndOfChannel):
+                ch.recv_bytes(timeout=RECV_TIMEOUT)
+            assert finish(proc, "the C writer") == f"count={count} checksum={h:016x}"
+    rng = random.Random(7)
+    with posix_channel(16384) as ch, spawn([str(c_peer["reader"]), ch.name, str(count)]) as proc:
+        h = FNV_OFFSET
+        for _ in range(count):
+            data = rng.randbytes(rng.randint(0, 200000))
+            ch.send_bytes(data, timeout=RECV_TIMEOUT) if len(data) <= ch.max_message else ch.send(
+                data, timeout=RECV_TIMEOUT
+            )
+            h = fold(h, data)
+        assert finish(proc, "the C reader") == f"count={count} checksum={h:016x}"
+
+
+@pytest.mark.timeout(60)
+def test_python_sees_a_c_readers_departure(c_peer: dict[str, Path]) -> None:
+    """The C reader holds read presence: once it has read its messages and exited, a
+    Python writer without read rights gets BrokenChannel (docs/layout.md 13)."""
+    name = f"shmchan-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with shmchan.Channel.create(name, capacity=16384, backend="posix", mode="w") as tx:
+        try:
+            with spawn([str(c_peer["reader"]), tx.name, "3"]) as proc:
+                for i in range(3):
+                    tx.send_bytes(b"m%d" % i, timeout=RECV_TIMEOUT)
+                finish(proc, "the C reader")
+            deadline = time.monotonic() + 5
+            with pytest.raises(shmchan.BrokenChannel):
+                while time.monotonic() < deadline:
+                    tx.send_bytes(b"after", timeout=RECV_TIMEOUT)
+        finally:
+            shmchan.Channel.remove(tx.name, backend="posix")
 
 
 @pytest.mark.timeout(60)

@@ -186,15 +186,17 @@ static long futex_wake(a32 *word, int n) {
 
 /* ---- CRC-32 (IEEE 802.3, as zlib.crc32) --------------------------------------------- */
 
-uint32_t shmchan_crc32(const void *p, size_t n) {
+uint32_t shmchan_crc32_update(uint32_t crc, const void *p, size_t n) {
     const uint8_t *b = p;
-    uint32_t crc = 0xFFFFFFFFu;
+    crc = ~crc;
     for (size_t i = 0; i < n; i++) {
         crc ^= b[i];
         for (int k = 0; k < 8; k++) crc = (crc >> 1) ^ (0xEDB88320u & (0u - (crc & 1u)));
     }
-    return crc ^ 0xFFFFFFFFu;
+    return ~crc;
 }
+
+uint32_t shmchan_crc32(const void *p, size_t n) { return shmchan_crc32_update(0, p, n); }
 
 /* ---- header -------------------------------------------------------------------------- */
 

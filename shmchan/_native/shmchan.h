@@ -258,6 +258,8 @@ typedef struct shmchan_side_ref {
 /* ---- header ------------------------------------------------------------------------ */
 
 uint32_t shmchan_crc32(const void *p, size_t n);
+/* Chained CRC-32, as zlib's crc32(crc, p, n): shmchan_crc32(p, n) == update(0, p, n). */
+uint32_t shmchan_crc32_update(uint32_t crc, const void *p, size_t n);
 /* header_size for a number of peer slots. */
 uint32_t shmchan_header_size(uint32_t max_peers);
 /* Why a geometry is invalid (NULL when valid). */

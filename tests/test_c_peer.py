@@ -328,19 +328,19 @@ def test_large_messages_both_ways(c_peer: dict[str, Path]) -> None:
     """Messages up to 200 KB through a 16 KiB ring: most travel in the side-segment
     pool, written by Python and read by C, and written by C and read by Python."""
     count, seed = 300, 0xB16
-    with posix_channel(16384) as ch:
-        with spawn([str(c_peer["writer"]), ch.name, str(count), str(seed), "200000"]) as proc:
-            expected = writer_messages(seed, 200000)
-            h = FNV_OFFSET
-            for i in range(count):
-                data = ch.recv_bytes(timeout=RECV_TIMEOUT)
-                if i == 0:
-                    ch.send_eof()  # the C writer holds write presence by now
-                assert data == next(expected), f"message #{i} differs"
-                h = fold(h, data)
-            with pytest.raises(shmchan.EndOfChannel):
-                ch.recv_bytes(timeout=RECV_TIMEOUT)
-            assert finish(proc, "the C writer") == f"count={count} checksum={h:016x}"
+    writer = [str(c_peer["writer"]), "", str(count), str(seed), "200000"]
+    with posix_channel(16384) as ch, spawn([*writer[:1], ch.name, *writer[2:]]) as proc:
+        expected = writer_messages(seed, 200000)
+        h = FNV_OFFSET
+        for i in range(count):
+            data = ch.recv_bytes(timeout=RECV_TIMEOUT)
+            if i == 0:
+                ch.send_eof()  # the C writer holds write presence by now
+            assert data == next(expected), f"message #{i} differs"
+            h = fold(h, data)
+        with pytest.raises(shmchan.EndOfChannel):
+            ch.recv_bytes(timeout=RECV_TIMEOUT)
+        assert finish(proc, "the C writer") == f"count={count} checksum={h:016x}"
     rng = random.Random(7)
     with posix_channel(16384) as ch, spawn([str(c_peer["reader"]), ch.name, str(count)]) as proc:
         h = FNV_OFFSET

@@ -188,15 +188,16 @@ class Channel:
         return cls(core, backend, mode, allow_foreign)
 
     @staticmethod
-    def remove(name: str, *, backend: str = DEFAULT_BACKEND) -> None:
+    def remove(name: str, *, backend: str = DEFAULT_BACKEND, force: bool = False) -> None:
         """Remove channel ``name`` (its memory and side segments) from the system.
 
         On the posix and mmap backends, handles that are open keep working; on sysv
         their presence checks fail (SysV objects die at once). New :meth:`open` calls
         fail. It works on a channel whose header is corrupt or was never published.
-        Raises ChannelNotFound if there is no such channel.
+        Raises ChannelNotFound if there is no such channel, and NotAShmchanSegment for
+        a file that plainly is not one (some other magic number) unless ``force``.
         """
-        get_backend(backend).remove(name)
+        get_backend(backend).remove(name, force)
 
     def unlink(self) -> None:
         """Remove this channel's name (see :meth:`remove`)."""

@@ -21,6 +21,7 @@ Tables are aligned plain text: no table library is needed for fixed columns.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -433,8 +434,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
             "action": "would-remove",
             "detail": None,
         }
-        if o.uid != me and not (me == 0 and args.force):
-            entry["action"], entry["detail"] = "skipped", f"owned by uid {o.uid}, not by uid {me}"
+        refused = I.may_remove(o.found, args.force) if o.found is not None else None
+        if o.side is not None and o.side.uid != me and not (me == 0 and args.force):
+            refused = f"owned by uid {o.side.uid}, not by uid {me}"
+        if refused:
+            entry["action"], entry["detail"] = "skipped", refused
         elif not args.dry_run:
             try:
                 removed = I.collect(o)
@@ -539,7 +543,7 @@ def _top_curses(args: argparse.Namespace) -> int:
     import curses
 
     def run(screen: Any) -> None:
-        with _suppress_curses_error():
+        with contextlib.suppress(curses.error):  # a terminal without an invisible cursor
             curses.curs_set(0)
         screen.timeout(int(args.interval * 1000))
         prev: Sample | None = None
@@ -551,7 +555,7 @@ def _top_curses(args: argparse.Namespace) -> int:
             screen.erase()
             height, width = screen.getmaxyx()
             for y, line in enumerate(lines[: max(0, height - 1)]):
-                with _suppress_curses_error():
+                with contextlib.suppress(curses.error):  # past the edge: a small screen shows less
                     screen.addnstr(y, 0, line, max(0, width - 1))
             screen.refresh()
             frames += 1
@@ -562,18 +566,6 @@ def _top_curses(args: argparse.Namespace) -> int:
 
     curses.wrapper(run)
     return EXIT_OK
-
-
-class _suppress_curses_error:
-    """Drawing past the screen's edge raises curses.error; a smaller screen shows less."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, *_: object) -> bool:
-        import curses
-
-        return kind is not None and issubclass(kind, curses.error)
 
 
 def cmd_top(args: argparse.Namespace) -> int:

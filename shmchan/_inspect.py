@@ -150,6 +150,8 @@ class Found:
     """The kernel says a process is attached (or creating it): a lock on the file, a
     SysV attach, or a semaphore held."""
     live_slots: list[int] = field(default_factory=list)
+    slots_known: bool = False
+    """Whether ``live_slots`` is known (kind 1: read; kind 2: the peers set was found)."""
     writers: int | None = None
     readers: int | None = None
     owner: str | None = None
@@ -233,7 +235,7 @@ class Found:
             "readers": self.readers,
             "producers_waiting": self.waiting("producers"),
             "consumers_waiting": self.waiting("consumers"),
-            "attached": len(self.live_slots) if self.header is not None else None,
+            "attached": len(self.live_slots) if self.slots_known else None,
             "in_use": self.in_use,
             "owner": self.owner,
             "owner_alive": self.owner_alive,
@@ -498,6 +500,7 @@ def _probe_fd(
         f.owner = f.header["owner"] or None
         if f.owner is not None and owners is not None:
             f.owner_alive = f.owner in owners
+        f.slots_known = True
         f.live_slots = [
             slot
             for slot in _peer_slots(head, f.header)
@@ -557,13 +560,16 @@ def _scan_dir(
         dfd = os.open(directory, _O_DIR)
     except OSError as exc:
         link = exc.errno == errno.ELOOP or os.path.islink(directory)
-        scan.errors.append(f"{directory}: " + ("a symbolic link: not followed" if link else str(exc.strerror)))
+        scan.errors.append(
+            f"{directory}: " + ("a symbolic link: not followed" if link else str(exc.strerror))
+        )
         return []
     bases = []
     try:
         with os.scandir(dfd) as it:
-            entries = sorted(e.name for e in it if e.is_file(follow_symlinks=False))
-        names = set(entries)
+            every = [(e.name, e.is_file(follow_symlinks=False)) for e in it]
+        names = {n for n, _ in every}  # a side object's channel exists if anything has its name
+        entries = sorted(n for n, regular in every if regular)
         sides: dict[str, list[SideObject]] = {}
         for entry in entries:
             side = _side_of(entry)
@@ -709,6 +715,7 @@ def _probe_sysv(row: dict[str, int], name: str | None, owners: set[str] | None, 
     f.sems = [s for s in (peers, presence) if s is not None]
     if peers is not None:
         f.live_slots = [slot for slot, v in enumerate(peers.values) if v > 0]
+        f.slots_known = True
         f.in_use = f.in_use or bool(f.live_slots)
     if presence is not None:
         f.writers, f.readers = presence.values[0], presence.values[1]

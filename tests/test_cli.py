@@ -407,11 +407,11 @@ def kill_service(address: str) -> None:
     address's sockets (only the service does: its users' sockets are unbound)."""
     inodes = {f"socket:[{i}]" for i in _socket_inodes(address)}
     assert inodes, f"no socket at @{address}"
-    pids = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    pids: set[int] = set()
+    for entry in filter(str.isdigit, os.listdir("/proc")):
         with contextlib.suppress(OSError):
-            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{pid}/fd")):
-                pids.add(int(pid))
+            if any(os.readlink(f"/proc/{entry}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{entry}/fd")):
+                pids.add(int(entry))
     assert len(pids) == 1, pids
     (pid,) = pids
     with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -604,6 +604,23 @@ def test_other_users_objects_need_root_and_force(backend: str, chan_name: str) -
     assert not exists(backend, chan_name)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make another user's objects")
+def test_gc_leaves_other_users_orphans_unless_root_forces() -> None:
+    side = DEV_SHM / f"{unique_name('posix')}.S00"
+    side.write_bytes(bytes(MIB))  # shaped like a side object; its channel does not exist
+    os.chown(side, 54321, 54321)
+    try:
+        rc, orphans = gc("--backend", "posix")
+        [o] = [o for o in orphans if o["ref"] == str(side)]
+        assert rc == 0 and o["action"] == "skipped" and "uid 54321" in o["detail"] and side.exists()
+        rc, orphans = gc("--backend", "posix", "--force")
+        [o] = [o for o in orphans if o["ref"] == str(side)]
+        assert rc == 0 and o["action"] == "removed" and not side.exists()
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            side.unlink()
+
+
 def test_symbolic_links_are_never_followed(tmp_path: Path) -> None:
     target = tmp_path / "target"
     shmchan.Channel.create(str(target), capacity=1 << 14, backend="mmap").close()
@@ -701,6 +718,43 @@ def test_top_once_shows_rates(chan_name: str) -> None:
         assert float(row[header.index("PUT/s")]) > 0 and float(row[header.index("GOT/s")]) > 0
         rc, out, _ = cli("top", "--count", "2", "--interval", "0.1", "--backend", "posix")
         assert rc == 0 and out.count("shmchan top") == 2
+
+
+@pytest.mark.parametrize("backend", ["posix"])
+def test_top_draws_with_curses_on_a_terminal(chan_name: str) -> None:
+    """On a terminal, top is a curses screen that redraws until q is pressed."""
+    import select
+
+    with shmchan.Channel.create(chan_name, capacity=1 << 14, backend="posix"):
+        master, slave = os.openpty()
+        env = dict(child_env(), TERM="xterm", LINES="40", COLUMNS="160")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shmchan", "top", "--interval", "0.1"],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            start_new_session=True,
+        )
+        os.close(slave)
+        screen = b""
+        try:
+            deadline = time.monotonic() + 20
+            while chan_name.encode() not in screen and time.monotonic() < deadline:
+                if select.select([master], [], [], 0.5)[0]:
+                    screen += os.read(master, 65536)
+            assert chan_name.encode() in screen and b"PUT/s" in screen
+            os.write(master, b"q")
+            while proc.poll() is None and time.monotonic() < deadline:
+                if select.select([master], [], [], 0.1)[0]:
+                    with contextlib.suppress(OSError):
+                        os.read(master, 65536)
+            assert proc.wait(timeout=5) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+            os.close(master)
 
 
 def test_help_on_every_command_and_usage_errors() -> None:

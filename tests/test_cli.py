@@ -757,6 +757,38 @@ def test_top_draws_with_curses_on_a_terminal(chan_name: str) -> None:
             os.close(master)
 
 
+def documented_fields(heading: str) -> list[str]:
+    """The field names of the first table under ``heading`` in docs/cli.md."""
+    text = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    section = text[text.index(heading) :]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    first_table = section[section.index("| field |") :].split("\n\n", 1)[0]
+    return [line.split("`")[1] for line in rows if line in first_table]
+
+
+@pytest.mark.parametrize("backend", ["sysv"])
+def test_json_formats_are_the_documented_ones(chan_name: str) -> None:
+    q: shmchan.Queue[bytes] = shmchan.Queue(name=chan_name, backend="sysv", capacity=1 << 14)
+    try:
+        q.put(b"b" * 100_000)  # a side entry and its object
+        ref = "/" + chan_name
+        e = entry(ref, "--backend", "sysv", "--name", chan_name)
+        assert e is not None and list(e) == documented_fields("### `ls --json`")
+        doc = stat_json(ref, "--backend", "sysv")
+        assert list(doc)[2:] == documented_fields("### `stat --json`")
+        assert doc["side_entries"] and doc["side_objects"] and doc["semaphores"] and doc["peers"]
+        side = DEV_SHM / f"{unique_name('posix')}.S00"
+        side.write_bytes(bytes(MIB))
+        try:
+            [o] = [o for o in gc("--dry-run", "--backend", "posix")[1] if o["ref"] == str(side)]
+            assert list(o) == documented_fields("### `gc --json`")
+        finally:
+            side.unlink()
+    finally:
+        q.close()
+        shmchan.Channel.remove(chan_name, backend="sysv")
+
+
 def test_help_on_every_command_and_usage_errors() -> None:
     for command in ("ls", "stat", "rm", "gc", "top"):
         rc, out, _ = cli(command, "--help")

@@ -32,7 +32,7 @@ import re
 import stat
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -1111,7 +1111,7 @@ def remove_sysv_parts(f: Found) -> list[str]:
     return done
 
 
-def unlink_file_channel(f: Found, still: Any) -> list[str]:
+def unlink_file_channel(f: Found, still: Callable[[Found], bool]) -> list[str]:
     """Unlink channel file ``f`` and its side files if the file at its path is still the
     one probed and ``still(fresh)`` holds for a fresh probe of it; nothing is followed."""
     assert f.path is not None and f.ident is not None

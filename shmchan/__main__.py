@@ -1,23 +1,15 @@
-"""Command line: ``python -m shmchan bench [options]`` (``--help`` lists them)."""
+"""``python -m shmchan``: the ``shmchan`` command line (``--help`` lists the commands).
+
+``python -m shmchan bench [options]`` runs the benchmark, as ``shmchan bench`` does.
+"""
 
 from __future__ import annotations
 
 import sys
 
-USAGE = "usage: python -m shmchan bench [--quick] [--repeat N] [--json PATH] [--plot PATH] [--help]"
+from ._cli import main
 
-
-def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else 2
-    if argv[0] != "bench":
-        print(f"unknown command {argv[0]!r}; try: python -m shmchan bench", file=sys.stderr)
-        return 2
-    from ._bench import main as bench
-
-    return bench(argv[1:])
-
+__all__ = ("main",)
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

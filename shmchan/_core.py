@@ -156,7 +156,8 @@ def _side_prepare(
             side = ctx.backend.side_create(ctx.name, index, want, ctx.permissions)
         if side.size != size:
             core.side_set_file(index, ticket, side.size, file_gen)
-        ctx.sides[index] = side
+        if index < core.side_retained:
+            ctx.sides[index] = side  # kept and reused; a transient object is read once
         view = side.view
         for off, part in parts:
             view[off : off + part.nbytes] = part
@@ -173,17 +174,26 @@ def _side_read(
     free the entry, and decode the copy. The entry is freed whatever happens: the
     message belongs to this receiver once its record was taken."""
     ctx: Ctx = core.ctx
+    transient = index >= core.side_retained
     try:
         side = ctx.backend.side_open(ctx.name, index, ctx.trust, ctx.sides.get(index))
         if side is None or side.size < size:
             raise E.CorruptChannel(f"channel {ctx.name!r}: side segment {index} is missing or too short")
-        ctx.sides[index] = side
         if inner == L.RT_PICKLE_OOB:
             payload: bytes | bytearray = bytearray(side.view[:size])
         else:
             payload = side.view[:size].tobytes()
+        if transient:
+            ctx.sides.pop(index, None)
+        else:
+            ctx.sides[index] = side
     finally:
-        core.side_done(index, ticket)
+        if transient:
+            # A transient entry's object goes as soon as it is read (docs/layout.md 2.5).
+            ctx.backend.side_remove(ctx.name, index)
+            core.side_drop(index, ticket)
+        else:
+            core.side_done(index, ticket)
     if inner == L.RT_BYTES:
         return payload
     if inner == L.RT_PICKLE and not raw:

@@ -98,7 +98,8 @@ HEADER_BASE: Final = 4096
 SIDE_TABLE_OFFSET: Final = 2048
 SIDE_ENTRY_SIZE: Final = 32
 SIDE_SLOTS_MAX: Final = 64
-DEFAULT_SIDE_SLOTS: Final = 4
+DEFAULT_SIDE_SLOTS: Final = 64
+DEFAULT_SIDE_RETAINED: Final = 4
 PEER_TABLE_OFFSET: Final = 4096
 PEER_ENTRY_SIZE: Final = 32
 MAX_PEERS_LIMIT: Final = 1024
@@ -151,6 +152,7 @@ def _fields() -> tuple[Field, ...]:
     add("side_slots", 4, "u32")
     add("side_table_offset", 4, "u32")
     add("creator_uid", 4, "u32")
+    add("side_retained", 4, "u32")
     off = 120
     add("header_crc", 4, "u32")
     off = 128

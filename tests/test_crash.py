@@ -163,9 +163,13 @@ def test_holder_killed_inside_a_critical_section(backend: str, name: str, point:
         # The side pool is whole again: all its entries can hold messages at once (an
         # entry a dead reader or writer left is reclaimed when needed), then all are free.
         slots = q._core.side_slots
+
+        def just_too_big(i: int) -> bytes:  # just over the 64 KiB ring's largest record
+            return bytes([i % 256]) * (40 * 1024)
+
         for i in range(slots):
-            q.put(big_message(200 + i), timeout=5)
-        assert [q.get(timeout=5) for _ in range(slots)] == [big_message(200 + i) for i in range(slots)]
+            q.put(just_too_big(i), timeout=5)
+        assert [q.get(timeout=5) for _ in range(slots)] == [just_too_big(i) for i in range(slots)]
         assert side_states(q) == ["free"] * slots
     finally:
         q.close()

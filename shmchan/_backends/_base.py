@@ -54,6 +54,7 @@ class CreateParams:
     owner: bytes = b""
     max_peers: int = L.DEFAULT_MAX_PEERS
     side_slots: int = L.DEFAULT_SIDE_SLOTS
+    side_retained: int = L.DEFAULT_SIDE_RETAINED
 
 
 class SideMap:
@@ -108,6 +109,9 @@ class Backend(Protocol):
         """Map side object ``index`` (None if it does not exist). It must be owned by uid
         ``trust[0]`` with no mode bits beyond ``trust[1]`` (UntrustedChannel otherwise;
         None skips the check). ``cached`` is returned if it maps the same object."""
+
+    def side_remove(self, name: str, index: int) -> None:
+        """Remove side object ``index`` of channel ``name`` if it exists."""
 
     def side_remove_all(self, name: str) -> None:
         """Remove every side object of channel ``name``."""
@@ -193,6 +197,7 @@ def header_params(params: CreateParams, nonce: int, liveness: int, semids: tuple
         "max_items": params.max_items,
         "max_peers": params.max_peers,
         "side_slots": params.side_slots,
+        "side_retained": params.side_retained,
         "nonce": nonce,
         "liveness": liveness,
         "semid_peers": semids[0],

@@ -131,6 +131,9 @@ class MmapBackend:
         finally:
             os.close(fd)
 
+    def side_remove(self, name: str, index: int) -> None:
+        _unlink_quietly(name + L.side_suffix(index))
+
     def side_remove_all(self, name: str) -> None:
         directory, base = os.path.split(name)
         for side in _filebacked.side_names_in(directory, base):

@@ -125,6 +125,9 @@ class PosixBackend:
         finally:
             os.close(fd)
 
+    def side_remove(self, name: str, index: int) -> None:
+        _unlink_quietly(name + L.side_suffix(index))
+
     def side_remove_all(self, name: str) -> None:
         for side in _filebacked.side_names_in(SHM_DIR, name[1:]):
             _unlink_quietly("/" + side)

@@ -263,6 +263,11 @@ class SysVBackend:
             return None
         return SideMap(memoryview(shm), int(shm.size), int(shm.id))
 
+    def side_remove(self, name: str, index: int) -> None:
+        shmid = _cext.shm_lookup(sysv_key(name, _side_role(index)))
+        if shmid is not None:
+            _remove_id(shmid)
+
     def side_remove_all(self, name: str) -> None:
         for index in range(L.SIDE_SLOTS_MAX):
             shmid = _cext.shm_lookup(sysv_key(name, _side_role(index)))

@@ -1029,6 +1029,13 @@ static PyObject *Core_side_done(CoreObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *Core_side_drop(CoreObject *self, PyObject *args) {
+    unsigned int index, ticket;
+    if (!PyArg_ParseTuple(args, "II", &index, &ticket)) return NULL;
+    if (!self->finalized) shmchan_side_drop(&self->c, index, ticket);
+    Py_RETURN_NONE;
+}
+
 /* ---- waiting (the async face and select) ------------------------------------------------------ */
 
 static int event_arg(PyObject *o) {
@@ -1372,6 +1379,7 @@ static PyMethodDef Core_methods[] = {
     {"side_file", (PyCFunction)Core_side_file, METH_O, "side_file(index) -> (size, gen)"},
     {"side_release", (PyCFunction)Core_side_release, METH_VARARGS, "side_release(index, ticket)"},
     {"side_done", (PyCFunction)Core_side_done, METH_VARARGS, "side_done(index, ticket)"},
+    {"side_drop", (PyCFunction)Core_side_drop, METH_VARARGS, "side_drop(index, ticket): object removed, FREE"},
     {"seq", (PyCFunction)Core_seq, METH_O, "seq(event) -> int"},
     {"register", (PyCFunction)(void (*)(void))Core_register, METH_FASTCALL, "register(event, delta)"},
     {"wait", (PyCFunction)(void (*)(void))Core_wait, METH_FASTCALL, "wait(event, seen, timeout) -> bool"},
@@ -1416,6 +1424,9 @@ static PyObject *Core_get_max_items(CoreObject *self, void *Py_UNUSED(c)) {
 static PyObject *Core_get_side_slots(CoreObject *self, void *Py_UNUSED(c)) {
     return PyLong_FromUnsignedLong(self->c.side_slots);
 }
+static PyObject *Core_get_side_retained(CoreObject *self, void *Py_UNUSED(c)) {
+    return PyLong_FromUnsignedLong(self->c.side_retained);
+}
 static PyObject *Core_get_max_peers(CoreObject *self, void *Py_UNUSED(c)) {
     return PyLong_FromUnsignedLong(self->c.max_peers);
 }
@@ -1440,6 +1451,7 @@ static PyGetSetDef Core_getset[] = {
     {"max_payload", (getter)Core_get_max_payload, NULL, "largest payload in the ring", NULL},
     {"max_items", (getter)Core_get_max_items, NULL, "item limit (0: none)", NULL},
     {"side_slots", (getter)Core_get_side_slots, NULL, "side-segment pool entries", NULL},
+    {"side_retained", (getter)Core_get_side_retained, NULL, "entries that keep their objects", NULL},
     {"max_peers", (getter)Core_get_max_peers, NULL, "peer slots", NULL},
     {"header_size", (getter)Core_get_header_size, NULL, "header bytes", NULL},
     {"nonce", (getter)Core_get_nonce, NULL, "the segment's nonce", NULL},
@@ -1571,16 +1583,18 @@ static PyTypeObject CoreType = {
 static PyObject *m_init_header(PyObject *Py_UNUSED(m), PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"buffer", "capacity", "max_record", "max_items", "max_peers", "side_slots", "nonce",
                              "liveness", "semid_peers", "semid_presence", "creator_pid", "creator_uid",
-                             "created_unix_ns", NULL};
+                             "created_unix_ns", "side_retained", NULL};
     Py_buffer buf;
     shmchan_params p;
     memset(&p, 0, sizeof p);
     unsigned long long capacity, max_items, nonce, created;
-    unsigned int max_record, max_peers, side_slots, pid, uid;
+    unsigned int max_record, max_peers, side_slots, pid, uid, side_retained = 0;
     int liveness, sp, spr;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "w*KIKIIKiiiIIK", kwlist, &buf, &capacity, &max_record, &max_items,
-                                     &max_peers, &side_slots, &nonce, &liveness, &sp, &spr, &pid, &uid, &created))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "w*KIKIIKiiiIIK|I", kwlist, &buf, &capacity, &max_record,
+                                     &max_items, &max_peers, &side_slots, &nonce, &liveness, &sp, &spr, &pid, &uid,
+                                     &created, &side_retained))
         return NULL;
+    p.side_retained = side_retained;
     p.capacity = capacity;
     p.max_record = max_record;
     p.max_items = max_items;
@@ -1945,6 +1959,7 @@ PyMODINIT_FUNC PyInit__cext(void) {
         {"WRITER", SHMCHAN_WRITER}, {"READER", SHMCHAN_READER}, {"LIVENESS_OFD", SHMCHAN_LIVENESS_OFD},
         {"LIVENESS_SYSV", SHMCHAN_LIVENESS_SYSV}, {"GIL_FREE_BYTES", GIL_FREE_BYTES},
         {"DEFAULT_MAX_PEERS", SHMCHAN_DEFAULT_MAX_PEERS}, {"DEFAULT_SIDE_SLOTS", SHMCHAN_DEFAULT_SIDE_SLOTS},
+        {"DEFAULT_SIDE_RETAINED", SHMCHAN_DEFAULT_SIDE_RETAINED},
     };
     for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++)
         if (add_int(m, ints[i].n, ints[i].v) < 0) goto fail;
@@ -1978,6 +1993,7 @@ PyMODINIT_FUNC PyInit__cext(void) {
         {"side_slots", SHMCHAN_OFF_SIDE_SLOTS},
         {"side_table_offset", SHMCHAN_OFF_SIDE_TABLE_OFFSET},
         {"creator_uid", SHMCHAN_OFF_CREATOR_UID},
+        {"side_retained", SHMCHAN_OFF_SIDE_RETAINED},
         {"header_crc", SHMCHAN_OFF_HEADER_CRC},
         {"tail", SHMCHAN_OFF_TAIL},
         {"wlock", SHMCHAN_OFF_WLOCK},

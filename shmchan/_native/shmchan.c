@@ -218,6 +218,8 @@ const char *shmchan_check_geometry(uint64_t capacity, uint64_t max_record) {
 int shmchan_init_header(void *base, uint64_t size, const shmchan_params *p, char *why, size_t whylen) {
     uint32_t max_peers = p->max_peers ? p->max_peers : SHMCHAN_DEFAULT_MAX_PEERS;
     uint32_t side_slots = p->side_slots ? p->side_slots : SHMCHAN_DEFAULT_SIDE_SLOTS;
+    uint32_t side_retained = p->side_retained ? p->side_retained : SHMCHAN_DEFAULT_SIDE_RETAINED;
+    if (side_retained > side_slots) side_retained = side_slots;
     const char *bad = shmchan_check_geometry(p->capacity, p->max_record);
     if (bad) {
         put_why(why, whylen, "%s", bad);
@@ -258,6 +260,7 @@ int shmchan_init_header(void *base, uint64_t size, const shmchan_params *p, char
     wr32(base, SHMCHAN_OFF_SIDE_SLOTS, side_slots);
     wr32(base, SHMCHAN_OFF_SIDE_TABLE_OFFSET, SHMCHAN_SIDE_TABLE_OFFSET);
     wr32(base, SHMCHAN_OFF_CREATOR_UID, p->creator_uid);
+    wr32(base, SHMCHAN_OFF_SIDE_RETAINED, side_retained);
     wr32(base, SHMCHAN_OFF_HEADER_CRC, shmchan_crc32((const uint8_t *)base + 8, SHMCHAN_OFF_HEADER_CRC - 8));
     return SHMCHAN_OK;
 }
@@ -299,7 +302,8 @@ int shmchan_check_header(const void *base, uint64_t size, int liveness, char *wh
     uint32_t max_record = rd32(base, SHMCHAN_OFF_MAX_RECORD);
     if (max_peers < 1 || max_peers > SHMCHAN_MAX_PEERS_LIMIT || header_size != shmchan_header_size(max_peers) ||
         rd32(base, SHMCHAN_OFF_PEER_TABLE_OFFSET) != SHMCHAN_PEER_TABLE_OFFSET ||
-        rd32(base, SHMCHAN_OFF_SIDE_TABLE_OFFSET) != SHMCHAN_SIDE_TABLE_OFFSET || side_slots > SHMCHAN_SIDE_SLOTS_MAX) {
+        rd32(base, SHMCHAN_OFF_SIDE_TABLE_OFFSET) != SHMCHAN_SIDE_TABLE_OFFSET || side_slots > SHMCHAN_SIDE_SLOTS_MAX ||
+        rd32(base, SHMCHAN_OFF_SIDE_RETAINED) > side_slots) {
         put_why(why, whylen, "impossible header geometry (header_size %u, max_peers %u, side_slots %u)", header_size,
                 max_peers, side_slots);
         return SHMCHAN_E_CORRUPT;
@@ -369,6 +373,7 @@ int shmchan_open(shmchan_chan *c, void *base, uint64_t size, int fd) {
     c->header_size = rd32(base, SHMCHAN_OFF_HEADER_SIZE);
     c->max_peers = rd32(base, SHMCHAN_OFF_MAX_PEERS);
     c->side_slots = rd32(base, SHMCHAN_OFF_SIDE_SLOTS);
+    c->side_retained = rd32(base, SHMCHAN_OFF_SIDE_RETAINED);
     c->max_items = rd64(base, SHMCHAN_OFF_MAX_ITEMS);
     c->liveness = rd16(base, SHMCHAN_OFF_LIVENESS_KIND);
     c->semid_peers = (int32_t)rd32(base, SHMCHAN_OFF_SEMID_PEERS);
@@ -1197,6 +1202,8 @@ static int side_owner_dead(shmchan_chan *c, uint32_t owner) {
 
 int shmchan_side_claim(shmchan_chan *c, uint32_t *index, uint32_t *ticket) {
     if (c->slot < 0) return SHMCHAN_E_STATE;
+    /* Retained entries first (their objects are already made and mapped), then the
+     * transient ones; last, entries whose reader died after taking them. */
     for (int pass = 0; pass < 2; pass++) {
         for (uint32_t i = 0; i < c->side_slots; i++) {
             a64 *S = side_state(c, i);
@@ -1351,6 +1358,15 @@ void shmchan_side_done(shmchan_chan *c, uint32_t index, uint32_t ticket) {
 }
 
 void shmchan_side_reclaim(shmchan_chan *c) { side_reclaim_writers(c); }
+
+void shmchan_side_drop(shmchan_chan *c, uint32_t index, uint32_t ticket) {
+    if (index >= c->side_slots) return;
+    uint64_t off = SHMCHAN_SIDE_TABLE_OFFSET + (uint64_t)SHMCHAN_SIDE_ENTRY_SIZE * index;
+    /* The reader owns the entry: it records that the object is gone (its caller removed
+     * it), then frees the entry (release), so the next writer makes a new one. */
+    atomic_store_explicit(W64(c, off + SHMCHAN_SIDE_SIZE), 0, memory_order_relaxed);
+    shmchan_side_done(c, index, ticket);
+}
 
 /* ---- blocking calls for C programs --------------------------------------------------------- */
 

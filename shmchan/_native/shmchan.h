@@ -60,6 +60,7 @@ extern "C" {
 #define SHMCHAN_OFF_SIDE_SLOTS 88           /* u32 */
 #define SHMCHAN_OFF_SIDE_TABLE_OFFSET 92    /* u32 */
 #define SHMCHAN_OFF_CREATOR_UID 96          /* u32 */
+#define SHMCHAN_OFF_SIDE_RETAINED 100       /* u32 */
 #define SHMCHAN_OFF_HEADER_CRC 120          /* u32: CRC-32 of bytes [8, 120) */
 /* Block B, producers. */
 #define SHMCHAN_OFF_TAIL 128                /* u64 commit word */
@@ -117,7 +118,8 @@ extern "C" {
 #define SHMCHAN_MAX_CAPACITY (1ULL << 40)
 #define SHMCHAN_MAX_RECORD_LIMIT (1ULL << 31)
 #define SHMCHAN_DEFAULT_MAX_PEERS 1024
-#define SHMCHAN_DEFAULT_SIDE_SLOTS 4
+#define SHMCHAN_DEFAULT_SIDE_SLOTS 64
+#define SHMCHAN_DEFAULT_SIDE_RETAINED 4
 
 /* Commit words (tail, head): count in the top 27 bits, position in 16-byte units in the
  * low 37 bits, both modulo their width (docs/layout.md section 2.3). */
@@ -194,7 +196,7 @@ typedef struct shmchan_chan {
     uint64_t size;
     uint8_t *data;              /* base + header_size */
     uint64_t capacity, mask, max_items;
-    uint32_t max_record, header_size, max_peers, side_slots;
+    uint32_t max_record, header_size, max_peers, side_slots, side_retained;
     int liveness;               /* SHMCHAN_LIVENESS_* */
     int fd;                     /* liveness 1: this attachment's own open file */
     int semid_peers, semid_presence; /* liveness 2 */
@@ -218,6 +220,7 @@ typedef struct shmchan_params {
     uint64_t max_items;         /* 0: no item limit */
     uint32_t max_peers;         /* 0: SHMCHAN_DEFAULT_MAX_PEERS */
     uint32_t side_slots;        /* 0: SHMCHAN_DEFAULT_SIDE_SLOTS; at most 64 */
+    uint32_t side_retained;     /* entries that keep their objects; 0: the default */
     uint64_t nonce;             /* random, non-zero */
     int liveness;
     int semid_peers, semid_presence;   /* liveness 2, else -1 */
@@ -406,8 +409,11 @@ int shmchan_side_append(shmchan_chan *c, const shmchan_side_ref *ref, size_t *wr
 int shmchan_side_take(shmchan_chan *c, const shmchan_side_ref *ref);
 /* Parse and validate an RT_SIDE payload. */
 int shmchan_side_parse(shmchan_chan *c, const uint8_t *payload, uint64_t n, shmchan_side_ref *ref);
-/* The reader is done with an entry: it becomes FREE. */
+/* The reader is done with an entry: it becomes FREE. Entries from index side_retained on
+ * are transient: their reader removes the backing object first, then calls
+ * shmchan_side_drop (size 0, FREE) instead. */
 void shmchan_side_done(shmchan_chan *c, uint32_t index, uint32_t ticket);
+void shmchan_side_drop(shmchan_chan *c, uint32_t index, uint32_t ticket);
 
 /* ---- simple blocking calls for C programs ------------------------------------------- */
 

@@ -274,10 +274,23 @@ int shmchan_posix_recv(shmchan_posix *p, void **data, uint64_t *n, uint32_t *typ
             shmchan_unlock(c, SHMCHAN_RLOCK);
             shmchan_after_get(c, 1);
             shmchan_posix_side *s = side_map(p, ref.index, 0);
-            void *buf = s && s->size >= ref.size ? malloc(ref.size ? ref.size : 1) : NULL;
+            int whole = s && s->size >= ref.size;
+            void *buf = whole ? malloc(ref.size ? ref.size : 1) : NULL;
             if (buf) memcpy(buf, s->map, ref.size);
-            shmchan_side_done(c, ref.index, ref.ticket);
-            if (!s || s->size < ref.size) return shmchan_corrupt(c, "a side segment is missing or too short");
+            if (ref.index >= c->side_retained) {
+                /* A transient entry: its object goes once read (docs/layout.md 2.5). */
+                char side[300];
+                side_name(p, ref.index, side, sizeof side);
+                shm_unlink(side);
+                if (s) {
+                    munmap(s->map, (size_t)s->size);
+                    memset(s, 0, sizeof *s);
+                }
+                shmchan_side_drop(c, ref.index, ref.ticket);
+            } else {
+                shmchan_side_done(c, ref.index, ref.ticket);
+            }
+            if (!whole) return shmchan_corrupt(c, "a side segment is missing or too short");
             if (!buf) return SHMCHAN_E_SYS;
             *data = buf;
             *n = ref.size;

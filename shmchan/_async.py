@@ -20,6 +20,13 @@ event loop's thread, plus a way to wait between attempts:
   so an abandoned helper thread never takes a wakeup away from anyone.
 * **Timeouts are cancel scopes** (``anyio.fail_after``, ``trio.move_on_after``,
   ``asyncio.wait_for``): the operations take no timeout argument.
+* **Paced checkpoints.** An operation that must wait is always a checkpoint (it
+  suspends, and a cancellation is delivered there). One that completes at once is one
+  at least every :data:`CHECKPOINT_EVERY` seconds of such operations in a thread (a
+  schedule point and a cancellation point), like ``asyncio.Queue.get``, which does not
+  suspend when an item is there: anyio's checkpoint costs more than the whole
+  operation. So a task that only ever finds data is still cancellable, within a
+  millisecond, and lets other tasks run as often.
 """
 
 from __future__ import annotations
@@ -27,8 +34,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 import anyio
 import anyio.abc
@@ -39,6 +47,24 @@ from ._core import BUSY, EV_JOINED, EV_NOT_EMPTY, EV_NOT_FULL, F_NOGRACE, NOTHIN
 from ._errors import BrokenChannel, ClosedChannel, Empty, EndOfChannel, Full, WrongMode
 
 T = TypeVar("T")
+
+CHECKPOINT_EVERY: Final = 0.001
+"""Seconds of operations that complete at once between two checkpoints (per thread)."""
+
+
+class _Pace(threading.local):
+    last = 0.0
+
+
+_pace = _Pace()
+
+
+async def _paced_checkpoint() -> None:
+    """A checkpoint if the last one in this thread was more than CHECKPOINT_EVERY ago."""
+    now = time.monotonic()
+    if now - _pace.last >= CHECKPOINT_EVERY:
+        _pace.last = now
+        await anyio.lowlevel.checkpoint()
 
 
 class AsyncQueueEmpty(Empty, asyncio.QueueEmpty):
@@ -124,13 +150,16 @@ def _gate(core: Any, event: int) -> _Gate:
     return entry[2]
 
 
-async def _until(core: Any, event: int, attempt: Callable[[], Any]) -> Any:
+async def _until(core: Any, event: int, attempt: Callable[[], Any], value: Any = None) -> Any:
     """Run ``attempt`` (which returns NOTHING while it must wait for data or room, and
-    BUSY while a lock is held elsewhere) until it succeeds."""
-    await anyio.lowlevel.checkpoint_if_cancelled()
-    value = attempt()
-    if value is not NOTHING and value is not BUSY:
-        return value
+    BUSY while a lock is held elsewhere) until it succeeds. ``value``: the result of a
+    first attempt the caller already made (after its paced checkpoint)."""
+    if value is None:
+        await _paced_checkpoint()
+        value = attempt()
+        if value is not NOTHING and value is not BUSY:
+            return value
+    await anyio.lowlevel.checkpoint_if_cancelled()  # about to wait: a cancellation point
     if event == EV_NOT_EMPTY and value is NOTHING and core.spin_readable():
         # The core's adaptive spin (at most 100 µs, usually far less, and it shrinks
         # when it does not pay): a thread wakeup costs much more than that.
@@ -181,18 +210,26 @@ class AsyncQueue(Generic[T]):
     async def put(self, item: T) -> None:
         """Put ``item``, waiting (without blocking the event loop) while it is full."""
         core = self._core()
+        await _paced_checkpoint()
+        done = core.put(item, 0.0, F_NOGRACE)  # the fast path: one call, no waiting
+        if done is True:
+            return
 
         def attempt() -> Any:
             done = core.put(item, 0.0, F_NOGRACE)
             return NOTHING if done is False else done
 
-        await _until(core, EV_NOT_FULL, attempt)
+        await _until(core, EV_NOT_FULL, attempt, NOTHING if done is False else done)
 
     async def get(self) -> T:
         """Remove and return an item, waiting (without blocking the loop) while empty."""
         core = self._core()
-        item: T = await _until(core, EV_NOT_EMPTY, lambda: core.get(0.0, F_NOGRACE))
-        return item
+        await _paced_checkpoint()
+        item: Any = core.get(0.0, F_NOGRACE)  # the fast path: one call, no waiting
+        if item is NOTHING or item is BUSY:
+            item = await _until(core, EV_NOT_EMPTY, lambda: core.get(0.0, F_NOGRACE), item)
+        result: T = item
+        return result
 
     async def put_many(self, items: Iterable[T]) -> None:
         """Put every item of ``items`` in order, many per lock (see

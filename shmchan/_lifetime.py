@@ -52,7 +52,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-import secrets
 import select
 import socket
 import struct
@@ -113,7 +112,7 @@ class _Refused(OSError):
 
 def unnamed_name(backend: str) -> str:
     """A fresh random name for an unnamed queue of ``backend`` (96 random bits)."""
-    return _reaper.unnamed_name(backend, secrets.token_hex(12))
+    return _reaper.unnamed_name(backend, os.urandom(12).hex())
 
 
 class _Conn:
@@ -261,7 +260,7 @@ def _spawn_service() -> str:
     The package's ``__init__`` is not run there (the service needs none of the public
     API), which keeps its start, and so the first unnamed queue, fast.
     """
-    address = f"shmchan-reaper-{os.getpid()}-{secrets.token_hex(8)}"
+    address = f"shmchan-reaper-{os.getpid()}-{os.urandom(8).hex()}"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         listener.bind("\0" + address)
@@ -415,7 +414,7 @@ def _handoff(address: str, backend: str, name: str) -> Any:
         _passed.append((weakref.ref(popen), conn.sock))
         _watch_changed()  # the watcher closes our copy once the child exists
         return handoff
-    token = secrets.token_hex(12)
+    token = os.urandom(12).hex()
     if _call(address, "t", backend, name, token) != "ok":
         return ""
     _tokens[token] = (address, backend, name)

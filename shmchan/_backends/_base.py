@@ -19,12 +19,10 @@ in the side objects that carry messages too large for the ring (section 2.5).
 from __future__ import annotations
 
 import os
-import secrets
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from .. import _cext
 from .. import _layout as L
@@ -43,8 +41,7 @@ SIDE_GRANULE = 1 << 20
 """Side objects are sized in whole MiB, so similar messages reuse one object."""
 
 
-@dataclass(frozen=True)
-class CreateParams:
+class CreateParams(NamedTuple):
     """What a creator chooses; everything else in the header is derived."""
 
     capacity: int
@@ -155,7 +152,7 @@ def check_not_side_name(name: str) -> None:
 
 
 def new_nonce() -> int:
-    return secrets.randbits(64) or 1
+    return int.from_bytes(os.urandom(8), "little") or 1
 
 
 def check_trust(uid: int, mode: int, name: str, allow_foreign: bool) -> None:

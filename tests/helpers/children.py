@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 
 import shmchan
-from shmchan import Channel
+from shmchan import Channel, _cext
 from shmchan import _layout as L
+from shmchan._backends.sysv import sysv_key
 
 from . import procs
 
@@ -214,6 +215,24 @@ def side_entries(handle: Any) -> list[dict[str, int | str]]:
     core = handle._core
     buf = core.raw(0, core.header_size)
     return [L.decode_side_entry(buf, i) for i in range(core.side_slots)]
+
+
+def side_objects(handle: Any) -> set[int]:
+    """Indexes of the side-pool objects that exist for ``handle``'s channel (posix:
+    ``/dev/shm/<name>.Sxx``, mmap: ``<path>.Sxx``, sysv: key ``sysv_key(name, "Sxx")``)."""
+    name, backend = handle.name, handle.backend
+    found = set()
+    for index in range(L.SIDE_SLOTS_MAX):
+        suffix = L.side_suffix(index)
+        if backend == "sysv":
+            exists = _cext.shm_lookup(sysv_key(name, suffix[1:])) is not None
+        elif backend == "posix":
+            exists = os.path.exists("/dev/shm/" + name.lstrip("/") + suffix)
+        else:
+            exists = os.path.lexists(name + suffix)
+        if exists:
+            found.add(index)
+    return found
 
 
 # -- a process holding a lock -------------------------------------------------------------------

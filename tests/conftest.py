@@ -8,6 +8,8 @@ here is reported as skipped with the reason, never silently dropped. The autouse
 from __future__ import annotations
 
 import os
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +25,8 @@ BACKEND_PARAMS = [
     for b in BACKENDS
 ]
 DEV_SHM = Path("/dev/shm")
+HELPER_THREADS = ("shmchan-async-wait", "shmchan-aselect-wait")
+"""Names of the async face's helper threads (each sleeps at most one wait slice)."""
 
 
 def _sysv_ids(kind: str) -> set[str]:
@@ -46,6 +50,19 @@ def no_leaks() -> Iterator[None]:
     after = snapshot()
     leaked = [sorted(a - b) for a, b in zip(after, before, strict=True)]
     assert leaked == [[], [], []], f"leaked (/dev/shm, sysv shm ids, sysv sem ids): {leaked}"
+
+
+@pytest.fixture
+def helper_threads_end() -> Iterator[None]:
+    """After the test, and after its channels are closed and removed but before the leak
+    check: every async helper thread has ended within a few wait slices. A thread still
+    inside a wait keeps its handle mapped, and a removed SysV segment is only destroyed
+    at its last detach. (Request it with ``pytest.mark.usefixtures``.)"""
+    yield
+    deadline = time.monotonic() + 0.6
+    while alive := [t.name for t in threading.enumerate() if t.name in HELPER_THREADS]:
+        assert time.monotonic() < deadline, f"async helper threads still alive after the test: {alive}"
+        time.sleep(0.005)
 
 
 @pytest.fixture(params=BACKEND_PARAMS)

@@ -45,7 +45,7 @@ import shmchan
 from shmchan import Channel
 from shmchan._core import WAIT_SLICE
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("helper_threads_end")]
 
 SPAWN = mp.get_context("spawn")
 WAIT_THREAD = "shmchan-async-wait"
@@ -58,16 +58,6 @@ LATENCY = WAIT_SLICE / 2  # a wakeup that was missed would come at the end of a 
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     lib: str = request.param
     return lib
-
-
-@pytest.fixture(autouse=True)
-def helper_threads_end() -> Iterator[None]:
-    """After each test (and after its channels are closed and removed, before the leak
-    check): every helper thread has ended within a wait slice. A thread still inside a
-    wait keeps its handle mapped, and a removed SysV segment is only destroyed at its
-    last detach."""
-    yield
-    assert_wait_threads_gone()
 
 
 @pytest.fixture

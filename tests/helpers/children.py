@@ -204,6 +204,25 @@ def ring_positions(handle: Any) -> tuple[int, int]:
     return h["head"], h["tail"]
 
 
+def records(handle: Any) -> list[tuple[int, int, int]]:
+    """The records in the ring, head to tail, as ``(ring offset, type, payload length)``
+    (padding records skipped)."""
+    core = handle._core
+    h = L.decode_header(core.raw(0, core.header_size))
+    out = []
+    at, end = h["head_position"], h["tail_position"]
+    while at != end:
+        off = at % core.capacity
+        length, rtype, _, _ = L.RECORD_HEADER.unpack(core.raw(core.header_size + off, L.RECORD_HEADER_SIZE))
+        size = L.record_size(length)
+        if rtype == L.RT_PADDING:
+            size = core.capacity - off
+        else:
+            out.append((off, rtype, length))
+        at = (at + size) % ((L.UNIT_MASK + 1) << 4)
+    return out
+
+
 def lock_holder(handle: Any, which: str) -> int | None:
     """The peer slot holding the write ("w") or read ("r") lock, or None when free."""
     token = L.decode_lock(header(handle)[f"{which}lock"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import contextlib
 import multiprocessing as mp
 import os
 import pickle
@@ -12,7 +13,16 @@ import threading
 import time
 
 import pytest
-from helpers.children import child, consumers_waiting, header, holding_lock, lock_holder
+from conftest import unique_name
+from helpers.children import (
+    child,
+    consumers_waiting,
+    header,
+    holding_lock,
+    lock_holder,
+    producers_waiting,
+    wait_until,
+)
 
 import shmchan
 from shmchan import Channel
@@ -201,7 +211,8 @@ def test_exists_and_not_found(backend: str, name: str) -> None:
 
 def test_unlink_semantics(backend: str, name: str) -> None:
     """posix/mmap: open handles keep working. sysv: removal ends the channel for all
-    handles (SysV semaphores die at IPC_RMID), which they report as ChannelNotFound."""
+    handles (SysV objects die at IPC_RMID, so remove() first marks the segment REMOVED),
+    which they report as ChannelNotFound."""
     tx = Channel.create(name, capacity=4096, backend=backend)
     rx = Channel.open(name, backend=backend)
     try:
@@ -219,6 +230,56 @@ def test_unlink_semantics(backend: str, name: str) -> None:
     finally:
         tx.close()
         rx.close()
+
+
+BLOCKED_FOREVER = """
+    import time
+    import shmchan
+    ch = shmchan.Channel.open(NAME, backend="sysv")
+    print("ready", flush=True)
+    t0 = time.monotonic()
+    try:
+        if SIDE == "recv":
+            ch.recv_bytes()  # no timeout
+        else:
+            ch.send_bytes(b"x" * 1000)  # no timeout, on a full ring
+        print("returned?!", flush=True)
+    except Exception as exc:
+        print("raised", type(exc).__name__, round(time.monotonic() - t0, 3), flush=True)
+"""
+
+
+@pytest.mark.parametrize("side", ["recv", "send"])
+def test_removing_a_sysv_channel_ends_blocked_waiters(side: str) -> None:
+    """A sysv channel removed while another process waits on it (with no timeout): the
+    waiter raises ChannelNotFound at once instead of sleeping on memory that is gone."""
+    if "sysv" not in shmchan.available_backends():
+        pytest.skip("backend sysv unavailable")
+    name = unique_name("sysv")
+    try:
+        with Channel.create(name, capacity=4096, backend="sysv") as ch:
+            if side == "send":
+                while True:
+                    try:
+                        ch.send_bytes_nowait(b"z" * 1000)
+                    except shmchan.Full:
+                        break
+            with child(BLOCKED_FOREVER, NAME=name, SIDE=side) as c:
+                c.expect("ready")
+                counter = consumers_waiting if side == "recv" else producers_waiting
+                wait_until(lambda: counter(ch) == 1, 10, "the child to wait")
+                t0 = time.monotonic()
+                Channel.remove(name, backend="sysv")
+                assert c.expect("raised", timeout=5).split()[:2] == ["raised", "ChannelNotFound"]
+                assert time.monotonic() - t0 < 1.0
+                assert c.finish(timeout=10) == 0, c.stderr
+            with pytest.raises(shmchan.ChannelNotFound):
+                ch.send_bytes_nowait(b"y")
+            with pytest.raises(shmchan.ChannelNotFound):
+                Channel.open(name, backend="sysv")
+    finally:
+        with contextlib.suppress(shmchan.ChannelNotFound):
+            Channel.remove(name, backend="sysv")
 
 
 @pytest.mark.parametrize("bad", ["", "/", "a/b", "x" * 201, ".", "..", "nul\0"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import multiprocessing as mp
 import os
 import pickle
@@ -485,3 +486,32 @@ def test_names_merely_resembling_side_segments_are_fine(backend: str, name: str,
             assert ch.recv_bytes_nowait() == b"ok"
         finally:
             ch.unlink()
+
+
+PEER = """
+    import shmchan
+    ch = shmchan.Channel.open(NAME, backend=BACKEND)
+    print("open", ch._core.slot, flush=True)
+    input()
+"""
+
+
+def test_too_many_peers(backend: str, name: str) -> None:
+    """Every peer slot held by a live handle: open() raises TooManyPeers (an OSError with
+    EUSERS); a process that dies frees its slot at once, without anyone's help."""
+    from shmchan._backends._base import CreateParams
+    from shmchan._core import create
+
+    ch = Channel(create(backend, name, CreateParams(4096, 2048, max_peers=2)), backend, "rw")
+    with ch, child(PEER, NAME=name, BACKEND=backend) as peer:
+        slots = {ch._core.slot, int(peer.expect("open").split()[1])}
+        assert slots == {0, 1}
+        with pytest.raises(shmchan.TooManyPeers) as info:
+            Channel.open(name, backend=backend)
+        assert isinstance(info.value, OSError) and info.value.errno == errno.EUSERS
+        peer.kill()
+        with Channel.open(name, backend=backend) as late:
+            late.send_bytes(b"in the dead one's slot")
+            assert ch.recv_bytes_nowait() == b"in the dead one's slot"
+        with Channel.open(name, backend=backend):  # a closed handle's slot is free too
+            pass

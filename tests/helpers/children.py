@@ -259,19 +259,14 @@ def side_objects(handle: Any) -> set[int]:
 LOCK_HOLDER = """
     import sys
     import shmchan
-    if KIND == "channel":
-        h = shmchan.Channel.open(NAME, backend=BACKEND)
-        put, get = h.send_bytes, h.recv_bytes_nowait
-    else:
-        h = shmchan.Queue.open(NAME, backend=BACKEND)
-        put, get = h.put, h.get_nowait
+    h = shmchan.Channel.open(NAME, backend=BACKEND)
     print("slot", h._core.slot, flush=True)
     if LOCK == "w":
-        put(PAYLOAD)  # stops itself at w.locked, holding the write lock
+        h.send_bytes(PAYLOAD)  # stops itself at w.locked, holding the write lock
         print("sent", flush=True)
     else:
         try:
-            got = get()  # stops itself at r.locked, holding the read lock
+            got = h.recv_bytes_nowait()  # stops itself at r.locked, holding the read lock
         except shmchan.Empty:
             print("got nothing", flush=True)
         else:
@@ -283,9 +278,7 @@ LOCK_HOLDER = """
 
 
 @contextmanager
-def holding_lock(
-    handle: Any, which: str, kind: str = "channel", payload: object = b"held"
-) -> Iterator[Child]:
+def holding_lock(handle: Any, which: str, payload: bytes = b"held") -> Iterator[Child]:
     """A child process that opens ``handle``'s channel and stops (SIGSTOP, at a test fault
     point) right after taking its write ("w": inside a send of ``payload``) or read ("r":
     inside a non-blocking receive) lock. A stopped holder is alive: nobody takes its lock
@@ -297,7 +290,6 @@ def holding_lock(
         env={"SHMCHAN_TEST_FAULT": f"{point}:stop"},
         NAME=handle.name,
         BACKEND=handle.backend,
-        KIND=kind,
         LOCK=which,
         PAYLOAD=payload,
     )

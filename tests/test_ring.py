@@ -8,10 +8,10 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from shmchan._ring import Ring
 
 from shmchan import CorruptChannel
 from shmchan import _layout as L
+from shmchan._ring import Ring
 
 
 def make_ring(capacity: int = 4096, max_record: int | None = None) -> tuple[bytearray, Ring]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +37,9 @@ and POSIX semaphores (``sem.shmchan.<nonce>.*``)."""
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _GETPID = 11  # semctl command: pid of the last semop (Linux also sets it at SETVAL)
+
+HELPER_THREADS = ("shmchan-async-wait", "shmchan-aselect-wait")
+"""Names of the async face's helper threads (each sleeps at most one wait slice)."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,19 @@ def no_leaks() -> Iterator[None]:
     yield
     leaked = leaks_since(before)
     assert not leaked, f"leaked: {leaked}"
+
+
+@pytest.fixture
+def helper_threads_end() -> Iterator[None]:
+    """After the test, and after its channels are closed and removed but before the leak
+    check: every async helper thread has ended within a few wait slices. A thread still
+    inside a wait keeps its handle mapped, and a removed SysV segment is only destroyed
+    at its last detach. (Request it with ``pytest.mark.usefixtures``.)"""
+    yield
+    deadline = time.monotonic() + 0.6
+    while alive := [t.name for t in threading.enumerate() if t.name in HELPER_THREADS]:
+        assert time.monotonic() < deadline, f"async helper threads still alive after the test: {alive}"
+        time.sleep(0.005)
 
 
 @pytest.fixture(params=BACKEND_PARAMS)

@@ -30,18 +30,28 @@ import anyio.abc
 import anyio.lowlevel
 import pytest
 from conftest import leaks_since, snapshot, unique_name
-from helpers.children import child, consumers_waiting, fill, producers_waiting
+from helpers.children import (
+    child,
+    consumers_waiting,
+    fill,
+    joiners_waiting,
+    producers_waiting,
+    side_entries,
+    side_objects,
+)
 from helpers.procs import ROOT, child_env
 
 import shmchan
 from shmchan import Channel
+from shmchan._core import WAIT_SLICE
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("helper_threads_end")]
 
 SPAWN = mp.get_context("spawn")
 WAIT_THREAD = "shmchan-async-wait"
 DEFAULT = shmchan.DEFAULT_BACKEND
-THREADS_GONE_WITHIN = 0.6  # a helper thread sleeps at most one 0.25 s wait slice
+THREADS_GONE_WITHIN = 0.6  # a helper thread sleeps at most one wait slice (0.1 s)
+LATENCY = WAIT_SLICE / 2  # a wakeup that was missed would come at the end of a slice
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -216,7 +226,7 @@ async def test_task_done_and_join(backend: str, name: str) -> None:
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(joiner)
-                await async_wait_until(lambda: q._core.ring.joiners_waiting() > 0, 5, "join() to wait")
+                await async_wait_until(lambda: joiners_waiting(q) > 0, 5, "join() to wait")
                 for i in range(3):
                     assert not joined.is_set()
                     assert await aq.get() == i
@@ -254,7 +264,7 @@ async def test_join_waits_for_another_process(backend: str, name: str) -> None:
             with anyio.fail_after(20):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(joiner)
-                    await async_wait_until(lambda: q._core.ring.joiners_waiting() > 0, 5, "join() to wait")
+                    await async_wait_until(lambda: joiners_waiting(q) > 0, 5, "join() to wait")
                     assert not done
                     c.tell("go")
             assert done
@@ -275,9 +285,9 @@ async def test_fast_path_costs_no_thread(
     hops: list[int] = []
     original = _async._sleep_in_thread
 
-    async def counting(wakeup: Any) -> None:
+    async def counting(*args: Any) -> None:
         hops.append(1)
-        await original(wakeup)
+        await original(*args)
 
     monkeypatch.setattr(_async, "_sleep_in_thread", counting)
     with queue_named(backend, name) as q:
@@ -322,7 +332,7 @@ async def test_a_waiting_get_does_not_block_the_loop(backend: str, name: str) ->
 @pytest.mark.parametrize("face", ["get", "put", "receive", "send"])
 async def test_a_waiting_task_is_woken_promptly(backend: str, name: str, face: str) -> None:
     """A wait ends within milliseconds of the data (or room) arriving from another
-    thread, not at the end of a 0.25 s wait slice."""
+    thread, not at the end of a wait slice."""
     with contextlib.ExitStack() as stack:
         if face in ("get", "put"):
             mine = stack.enter_context(queue_named(backend, name, maxsize=1))
@@ -353,7 +363,7 @@ async def test_a_waiting_task_is_woken_promptly(backend: str, name: str, face: s
                     await async_wait_until(lambda c=counter: c(mine) > 0, 5, f"the {face} to wait")
                     start = time.monotonic()
                     await anyio.to_thread.run_sync(unblock)
-            assert done[0] - start < 0.2, f"{face} returned {done[0] - start:.3f} s after it could"
+            assert done[0] - start < LATENCY, f"{face} returned {done[0] - start:.3f} s after it could"
             if face == "get":
                 assert other.empty()
             elif face == "put":
@@ -518,9 +528,11 @@ async def test_native_timeouts(anyio_backend: str, backend: str, name: str) -> N
     await async_wait_threads_gone()
 
 
-async def test_cancelled_large_sends_leave_no_side_segment(backend: str, name: str) -> None:
-    """A message larger than the ring is written to a side segment before it is
-    queued; cancelling its send removes the segment (the autouse leak check)."""
+async def test_cancelled_large_sends_leave_no_side_entry_in_use(backend: str, name: str) -> None:
+    """A message larger than the ring is written to an entry of the channel's side pool
+    before it is queued; cancelling its send gives the entry back and the message never
+    arrives. The pool's objects (at most ``side_slots``) stay until the channel is
+    removed, and are then gone (the autouse leak check)."""
     big = b"x" * 100_000
     with (
         queue_named(backend, name, maxsize=1, capacity=4096) as q,
@@ -537,12 +549,24 @@ async def test_cancelled_large_sends_leave_no_side_segment(backend: str, name: s
                         await async_wait_until(
                             lambda h=handle: producers_waiting(h) > 0, 5, "the send to wait"
                         )
-                        assert leaks_since(before)  # the side segment exists while it waits
+                        assert leaks_since(before)  # the side object exists while it waits
+                        assert side_objects(handle)
+                        during = snapshot()
                         tg.cancel_scope.cancel()
-                assert not leaks_since(before)
+                assert [e["state"] for e in side_entries(handle)] == ["free"] * handle._core.side_slots
+                assert not leaks_since(during)  # nothing new, and the pool object is kept for reuse
+                assert len(side_objects(handle)) <= handle._core.side_slots
             assert q.get_nowait() == "full"
             with pytest.raises(queue.Empty):
                 q.get_nowait()
+            # The pool is reused: the same big message goes through now there is room.
+            await q.async_q.put(big)
+            assert q.get_nowait() == big
+            rest = drain(ch)
+            assert rest and all(item != big for item in rest)  # only the filling arrived
+            await ch.aio.send(big)
+            assert ch.recv_nowait() == big
+            assert [e["state"] for e in side_entries(ch)] == ["free"] * ch._core.side_slots
         finally:
             ch.unlink()
 

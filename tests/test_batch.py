@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers.children import side_entries
 
 import shmchan
 
@@ -121,8 +122,9 @@ def test_an_unpicklable_item_raises_before_anything_is_sent(backend: str) -> Non
     q: shmchan.Queue[Any] = shmchan.Queue(backend=backend, capacity=4096)
     try:
         with pytest.raises((TypeError, AttributeError)):
-            q.put_many([1, b"side" * 10_000, lambda: 0, 2])  # the side segment is undone too
+            q.put_many([1, b"side" * 10_000, lambda: 0, 2])  # the side entry is given back too
         assert q.empty()
+        assert [e["state"] for e in side_entries(q)] == ["free"] * q._core.side_slots
         q.put_many([3])
         assert q.get() == 3
     finally:

@@ -3,17 +3,31 @@
 from __future__ import annotations
 
 import array
+import contextlib
+import errno
 import multiprocessing as mp
 import os
 import pickle
 import queue
+import signal
 import threading
 import time
 
 import pytest
+from conftest import unique_name
+from helpers.children import (
+    child,
+    consumers_waiting,
+    header,
+    holding_lock,
+    lock_holder,
+    producers_waiting,
+    wait_until,
+)
 
 import shmchan
 from shmchan import Channel
+from shmchan import _layout as L
 
 
 def test_round_trip_between_two_handles(backend: str, name: str) -> None:
@@ -122,19 +136,20 @@ def test_zero_timeout_never_blocks(channel: Channel) -> None:
 
 
 def test_zero_timeout_never_blocks_on_a_held_lock(channel: Channel) -> None:
-    # Another handle (think: a process stopped inside a get) holds the read lock.
-    other = Channel.open(channel.name, backend=channel.backend)
-    try:
-        assert other._core.seg.rlock.acquire(None)
+    # Another process (stopped inside a get) holds the read lock.
+    with holding_lock(channel, "r") as holder:
         channel.send_bytes(b"data")
-        start = time.monotonic()
-        with pytest.raises(shmchan.Empty):
-            channel.recv_bytes_nowait()
-        assert time.monotonic() - start < 0.1
-        other._core.seg.rlock.release()
-        assert channel.recv_bytes_nowait() == b"data"
-    finally:
-        other.close()
+        for call in (channel.recv_bytes_nowait, lambda: channel.recv_bytes(timeout=0)):
+            start = time.monotonic()
+            with pytest.raises(shmchan.Empty):
+                call()
+            assert time.monotonic() - start < 0.1
+        assert lock_holder(channel, "r") is not None  # a stopped holder is never robbed
+        os.kill(holder.pid, signal.SIGCONT)  # its get goes on, and takes the data
+        assert holder.expect("got") == "got b'data'"
+        assert lock_holder(channel, "r") is None
+        channel.send_bytes(b"more")
+        assert channel.recv_bytes_nowait() == b"more"
 
 
 def test_blocked_receiver_is_woken_by_a_send(channel: Channel) -> None:
@@ -151,12 +166,12 @@ def test_blocked_receiver_is_woken_by_a_send(channel: Channel) -> None:
     try:
         assert waiting.wait(5)
         deadline = time.monotonic() + 5
-        while channel._core.ring.consumers_waiting() == 0 and time.monotonic() < deadline:
+        while consumers_waiting(channel) == 0 and time.monotonic() < deadline:
             time.sleep(0.001)  # poll a shared counter with a deadline (not a sync sleep)
         channel.send_bytes(b"wake up")
         thread.join(5)
         assert got == [b"wake up"]
-        assert channel._core.ring.consumers_waiting() == 0
+        assert consumers_waiting(channel) == 0
     finally:
         thread.join(5)
         rx.close()
@@ -197,7 +212,8 @@ def test_exists_and_not_found(backend: str, name: str) -> None:
 
 def test_unlink_semantics(backend: str, name: str) -> None:
     """posix/mmap: open handles keep working. sysv: removal ends the channel for all
-    handles (SysV semaphores die at IPC_RMID), which they report as ChannelNotFound."""
+    handles (SysV objects die at IPC_RMID, so remove() first marks the segment REMOVED),
+    which they report as ChannelNotFound."""
     tx = Channel.create(name, capacity=4096, backend=backend)
     rx = Channel.open(name, backend=backend)
     try:
@@ -217,6 +233,56 @@ def test_unlink_semantics(backend: str, name: str) -> None:
         rx.close()
 
 
+BLOCKED_FOREVER = """
+    import time
+    import shmchan
+    ch = shmchan.Channel.open(NAME, backend="sysv")
+    print("ready", flush=True)
+    t0 = time.monotonic()
+    try:
+        if SIDE == "recv":
+            ch.recv_bytes()  # no timeout
+        else:
+            ch.send_bytes(b"x" * 1000)  # no timeout, on a full ring
+        print("returned?!", flush=True)
+    except Exception as exc:
+        print("raised", type(exc).__name__, round(time.monotonic() - t0, 3), flush=True)
+"""
+
+
+@pytest.mark.parametrize("side", ["recv", "send"])
+def test_removing_a_sysv_channel_ends_blocked_waiters(side: str) -> None:
+    """A sysv channel removed while another process waits on it (with no timeout): the
+    waiter raises ChannelNotFound at once instead of sleeping on memory that is gone."""
+    if "sysv" not in shmchan.available_backends():
+        pytest.skip("backend sysv unavailable")
+    name = unique_name("sysv")
+    try:
+        with Channel.create(name, capacity=4096, backend="sysv") as ch:
+            if side == "send":
+                while True:
+                    try:
+                        ch.send_bytes_nowait(b"z" * 1000)
+                    except shmchan.Full:
+                        break
+            with child(BLOCKED_FOREVER, NAME=name, SIDE=side) as c:
+                c.expect("ready")
+                counter = consumers_waiting if side == "recv" else producers_waiting
+                wait_until(lambda: counter(ch) == 1, 10, "the child to wait")
+                t0 = time.monotonic()
+                Channel.remove(name, backend="sysv")
+                assert c.expect("raised", timeout=5).split()[:2] == ["raised", "ChannelNotFound"]
+                assert time.monotonic() - t0 < 1.0
+                assert c.finish(timeout=10) == 0, c.stderr
+            with pytest.raises(shmchan.ChannelNotFound):
+                ch.send_bytes_nowait(b"y")
+            with pytest.raises(shmchan.ChannelNotFound):
+                Channel.open(name, backend="sysv")
+    finally:
+        with contextlib.suppress(shmchan.ChannelNotFound):
+            Channel.remove(name, backend="sysv")
+
+
 @pytest.mark.parametrize("bad", ["", "/", "a/b", "x" * 201, ".", "..", "nul\0"])
 def test_bad_ipc_names(bad: str) -> None:
     for backend in ("posix", "sysv"):
@@ -231,15 +297,13 @@ def test_unknown_backend() -> None:
 
 
 def test_undecodable_record_is_consumed(channel: Channel) -> None:
-    from shmchan import _layout as L
-
-    assert channel._core.send(channel._core.ring.try_write_record, (0x8001, 6, b"future", ()), None)
+    assert channel._core.put_record(0x8001, b"future", None)
     channel.send_bytes(b"next")
     with pytest.raises(shmchan.UndecodableMessage) as info:
         channel.recv_bytes_nowait()
     assert (info.value.record_type, info.value.payload) == (0x8001, b"future")
     assert channel.recv_bytes_nowait() == b"next"
-    assert channel._core.ring.state() == L.STATE_NORMAL
+    assert header(channel)["state"] == L.STATE_NORMAL
 
 
 def test_pickle_reopens_by_name(channel: Channel) -> None:
@@ -277,27 +341,66 @@ def test_handles_pass_to_children(backend: str, name: str, method: str) -> None:
             reply.unlink()
 
 
-def test_forked_child_gets_its_own_locks(backend: str, name: str) -> None:
-    """After fork, parent and child must exclude each other (OFD locks are per open file)."""
-    with Channel.create(name, capacity=4096, backend=backend) as ch:
-        assert ch._core.seg.wlock.acquire(None)
+FORKING_HOLDER = """
+    import os, sys, time
+    import shmchan
+    ch = shmchan.Channel.open(NAME, backend=BACKEND)
+    pid = os.fork()
+    if pid == 0:
+        # The child: its parent stops itself holding the write lock (a test fault point
+        # inherited through the fork; this child never takes the lock, or it would stop
+        # too, and the test would time out waiting for its line).
         try:
-            pid = os.fork()
-            if pid == 0:  # child: the parent holds the write lock, so this must time out
-                try:
-                    ch.send_bytes(b"x", timeout=0.2)
-                    code = 1
-                except shmchan.Full:
-                    code = 0
-                except Exception:  # noqa: BLE001 - the child must reach os._exit whatever happens
-                    code = 2
-                os._exit(code)
-            _, status = os.waitpid(pid, 0)
-            assert os.waitstatus_to_exitcode(status) == 0
-        finally:
-            ch._core.seg.wlock.release()
-        ch.send_bytes(b"y", timeout=1)
+            deadline = time.monotonic() + 10
+            while True:
+                with open(f"/proc/{os.getppid()}/stat") as f:
+                    stat = f.read()
+                if stat[stat.rindex(")") + 2] in "Tt":
+                    break
+                assert time.monotonic() < deadline, "the parent never stopped"
+                time.sleep(0.002)
+            try:
+                ch.send_bytes(b"x", timeout=0.2)
+                outcome = "sent"
+            except shmchan.Full:
+                outcome = "Full"
+            print("child", outcome, ch._core.slot, flush=True)
+            code = 0
+        except BaseException as exc:
+            print("child error", repr(exc), flush=True)
+            code = 2
+        os._exit(code)
+    print("parent", ch._core.slot, pid, flush=True)
+    ch.send_bytes(b"y")  # stops at w.locked
+    _, status = os.waitpid(pid, 0)
+    print("sent", os.waitstatus_to_exitcode(status), flush=True)
+    ch.close()
+"""
+
+
+def test_forked_child_gets_its_own_locks(backend: str, name: str) -> None:
+    """After fork, parent and child must exclude each other: the child has a peer slot
+    (and lock token) of its own, so a lock its parent holds is not the child's."""
+    with Channel.create(name, capacity=4096, backend=backend) as ch:
+        with child(
+            FORKING_HOLDER, env={"SHMCHAN_TEST_FAULT": "w.locked:stop"}, NAME=name, BACKEND=backend
+        ) as c:
+            _, parent_slot, child_pid = c.expect("parent").split()
+            # The forked child: the parent holds the write lock, so its send must time out.
+            line = c.expect("child", timeout=15).split()
+            assert line[:2] == ["child", "Full"], line
+            assert int(line[2]) != int(parent_slot)
+            assert lock_holder(ch, "w") == int(parent_slot)
+            assert header(ch)["put_total"] == 0
+            os.kill(c.pid, signal.SIGCONT)
+            assert c.expect("sent") == "sent 0"
+            assert c.finish(timeout=10) == 0, c.stderr
+        assert int(child_pid) > 0
         assert ch.recv_bytes_nowait() == b"y"
+        ch.send_bytes(b"z", timeout=1)
+        assert ch.recv_bytes_nowait() == b"z"
+        with pytest.raises(shmchan.Empty):
+            ch.recv_bytes_nowait()
 
 
 def test_repr(channel: Channel) -> None:
@@ -367,6 +470,48 @@ def test_removing_a_channel_spares_channels_with_longer_names(backend: str, name
             Channel.remove(longer, backend=backend)
 
 
-def test_names_shaped_like_side_segments_are_refused(backend: str, name: str) -> None:
+@pytest.mark.parametrize("suffix", [".S00", ".S03", ".S3f", ".Sff"])
+def test_names_shaped_like_side_segments_are_refused(backend: str, name: str, suffix: str) -> None:
     with pytest.raises(ValueError, match="side segment"):
-        Channel.create(name + ".L00000000000000ff", backend=backend)
+        Channel.create(name + suffix, backend=backend)
+    with pytest.raises(ValueError, match="side segment"):
+        Channel.open(name + suffix, backend=backend)
+
+
+@pytest.mark.parametrize("suffix", [".S", ".S0", ".S000", ".SG0", ".s00", ".L00000000000000ff"])
+def test_names_merely_resembling_side_segments_are_fine(backend: str, name: str, suffix: str) -> None:
+    with Channel.create(name + suffix, capacity=4096, backend=backend) as ch:
+        try:
+            ch.send_bytes(b"ok")
+            assert ch.recv_bytes_nowait() == b"ok"
+        finally:
+            ch.unlink()
+
+
+PEER = """
+    import shmchan
+    ch = shmchan.Channel.open(NAME, backend=BACKEND)
+    print("open", ch._core.slot, flush=True)
+    input()
+"""
+
+
+def test_too_many_peers(backend: str, name: str) -> None:
+    """Every peer slot held by a live handle: open() raises TooManyPeers (an OSError with
+    EUSERS); a process that dies frees its slot at once, without anyone's help."""
+    from shmchan._backends._base import CreateParams
+    from shmchan._core import create
+
+    ch = Channel(create(backend, name, CreateParams(4096, 2048, max_peers=2)), backend, "rw")
+    with ch, child(PEER, NAME=name, BACKEND=backend) as peer:
+        slots = {ch._core.slot, int(peer.expect("open").split()[1])}
+        assert slots == {0, 1}
+        with pytest.raises(shmchan.TooManyPeers) as info:
+            Channel.open(name, backend=backend)
+        assert isinstance(info.value, OSError) and info.value.errno == errno.EUSERS
+        peer.kill()
+        with Channel.open(name, backend=backend) as late:
+            late.send_bytes(b"in the dead one's slot")
+            assert ch.recv_bytes_nowait() == b"in the dead one's slot"
+        with Channel.open(name, backend=backend):  # a closed handle's slot is free too
+            pass

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 import sysv_ipc
-from conftest import snapshot, unique_name
+from conftest import Snapshot, snapshot, unique_name
 from helpers.children import Child, child, proc_state, wait_until
 from helpers.procs import child_env
 
@@ -44,6 +44,12 @@ MIB = 1 << 20
 
 
 # -- running the command line ---------------------------------------------------------------------
+
+
+def nothing_removed(before: Snapshot) -> bool:
+    """Everything in ``before`` is still there (other programs may add objects meanwhile)."""
+    now = snapshot()
+    return before.shm <= now.shm and before.sysv.keys() <= now.sysv.keys()
 
 
 def cli(*argv: str) -> tuple[int, str, str]:
@@ -341,7 +347,7 @@ def test_creator_killed_before_publishing(backend: str, how: str, tmp_path: Path
             assert e["creator_pid"] == c.pid and e["layout"] == "2.0"
         before = snapshot()
         rc, orphans = gc("--dry-run", *scope(backend, name, tmp_path))
-        assert rc == 0 and snapshot() == before and exists(backend, name)
+        assert rc == 0 and nothing_removed(before) and exists(backend, name)
         [o] = [o for o in orphans if o["ref"] == ref]
         assert (o["kind"], o["action"]) == ("unpublished", "would-remove")
         rc, orphans = gc(*scope(backend, name, tmp_path))
@@ -456,7 +462,7 @@ def test_queue_whose_lifetime_service_died(backend: str) -> None:
         before = snapshot()
         rc, orphans = gc("--dry-run", "--backend", listed_as)
         [o] = [o for o in orphans if o["ref"] == ref]
-        assert rc == 0 and o["kind"] == "abandoned-queue" and snapshot() == before
+        assert rc == 0 and o["kind"] == "abandoned-queue" and nothing_removed(before)
         rc, orphans = gc("--backend", listed_as)
         [o] = [o for o in orphans if o["ref"] == ref]
         assert rc == 0 and o["action"] == "removed"
@@ -507,7 +513,7 @@ def test_side_segments_in_flight_and_orphaned(backend: str, chan_name: str, tmp_
     before = snapshot()
     rc, orphans = gc("--dry-run", *scope(backend, chan_name, tmp_path))
     mine = [o for o in orphans if chan_name in o["ref"]]
-    assert rc == 0 and len(mine) == 1 and snapshot() == before
+    assert rc == 0 and len(mine) == 1 and nothing_removed(before)
     assert mine[0]["kind"] == ("orphan-sysv" if backend == "sysv" else "orphan-side")
     rc, orphans = gc(*scope(backend, chan_name, tmp_path))
     [o] = [o for o in orphans if chan_name in o["ref"]]
@@ -545,7 +551,7 @@ def test_sysv_semaphore_sets_without_their_segment(chan_name: str) -> None:
     assert (e["sysv"]["semid_peers"], e["sysv"]["semid_presence"]) == tuple(sems)
     before = snapshot()
     rc, orphans = gc("--dry-run", "--backend", "sysv", "--name", chan_name)
-    assert rc == 0 and [o["kind"] for o in orphans] == ["orphan-sysv"] and snapshot() == before
+    assert rc == 0 and [o["kind"] for o in orphans] == ["orphan-sysv"] and nothing_removed(before)
     rc, orphans = gc("--backend", "sysv", "--name", chan_name)
     assert rc == 0 and [o["action"] for o in orphans] == ["removed"]
     assert sysv_sems(chan_name) == [None, None]

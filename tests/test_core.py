@@ -33,9 +33,7 @@ def test_a_consumer_blocked_for_10_s_uses_under_1_percent_of_a_core(backend: str
     """It spins briefly, then sleeps on the futex in slices: its CPU time over 10 s of
     waiting stays under 0.1 s, also while two busy processes load both cores."""
     q: shmchan.Queue[int] = shmchan.Queue(name=name, backend=backend)
-    hogs = [
-        subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)
-    ]
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
     try:
         res = run_child(IDLE, timeout=60, NAME=name, BACKEND=backend, SECONDS=10.0)
         assert res.returncode == 0, res.stderr
@@ -113,4 +111,3 @@ def test_a_closed_handle_and_a_dead_waiter_leave_no_registration(backend: str, n
     finally:
         q.close()
         q.unlink()
-

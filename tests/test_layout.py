@@ -35,7 +35,9 @@ def doc_rows(after: str) -> list[tuple[int, int, str, str]]:
 
 def c_defines() -> dict[str, int]:
     out = {}
-    for m in re.finditer(r"^#define (SHMCHAN_\w+) \(?(0x[0-9A-Fa-f]+|\d+)", HEADER_H.read_text(), re.MULTILINE):
+    for m in re.finditer(
+        r"^#define (SHMCHAN_\w+) \(?(0x[0-9A-Fa-f]+|\d+)", HEADER_H.read_text(), re.MULTILINE
+    ):
         out[m[1]] = int(m[2], 0)
     return out
 

@@ -9,6 +9,7 @@ against a deadline, never on a sleep.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -28,12 +29,27 @@ import pytest
 import sysv_ipc
 from conftest import unique_name
 from helpers import procs
-from helpers.children import Child, child, drain, run_child, wait_until
+from helpers.children import (
+    Child,
+    child,
+    consumers_waiting,
+    drain,
+    header,
+    holding_lock,
+    lock_holder,
+    producers_waiting,
+    ring_positions,
+    run_child,
+    side_entries,
+    side_objects,
+    wait_until,
+)
 
 import shmchan
-from shmchan import Channel
+from shmchan import Channel, _cext
 from shmchan import _layout as L
 from shmchan._backends.sysv import sysv_key
+from shmchan._core import WAIT_SLICE
 
 # -- harness ---------------------------------------------------------------------------------
 
@@ -103,23 +119,40 @@ def _reserved_byte(buf: memoryview) -> None:
 
 
 CAP = 4096
+HEADER = L.header_size(L.DEFAULT_MAX_PEERS)  # what Channel.create makes: 1024 peer slots
+W = L.make_word
 HEADER_CASES: dict[str, tuple[Callable[[memoryview], None], str]] = {
     "bad_magic": (lambda b: _put(b, "magic", 0x0102030405060708), "NotAShmchanSegment"),
-    "magic_zero": (lambda b: _put(b, "magic", 0), "InitializationTimeout"),
-    "layout_major_2": (_fields(layout_major=2), "IncompatibleLayout"),
+    "layout_1": (_fields(layout_major=1), "IncompatibleLayout"),  # shmchan 0.1's layout
+    "layout_3": (_fields(layout_major=3), "IncompatibleLayout"),
     "unknown_incompat_feature": (_fields(features_incompat=1 << 7), "IncompatibleLayout"),
-    "lock_kind_other": (_fields(lock_kind=9), "IncompatibleLayout"),
+    "liveness_kind_unknown": (_fields(liveness_kind=9), "CorruptChannel"),
+    "wakeup_kind_unknown": (_fields(wakeup_kind=2), "CorruptChannel"),
     "header_crc_mismatch": (_bad_crc, "CorruptChannel"),
     "reserved_byte_flipped": (_reserved_byte, "CorruptChannel"),
-    "header_size": (_fields(header_size=8192), "CorruptChannel"),
+    "header_size": (_fields(header_size=HEADER + 4096), "CorruptChannel"),
+    "max_peers_zero": (_fields(max_peers=0), "CorruptChannel"),
+    "max_peers_over_limit": (
+        _fields(max_peers=L.MAX_PEERS_LIMIT + 1, header_size=L.header_size(L.MAX_PEERS_LIMIT + 1)),
+        "CorruptChannel",
+    ),
+    "max_peers_not_matching_header_size": (_fields(max_peers=8), "CorruptChannel"),
+    "peer_table_offset": (_fields(peer_table_offset=L.PEER_TABLE_OFFSET + 32), "CorruptChannel"),
+    "side_table_offset": (_fields(side_table_offset=L.SIDE_TABLE_OFFSET + 32), "CorruptChannel"),
+    "side_slots_over_max": (_fields(side_slots=L.SIDE_SLOTS_MAX + 1), "CorruptChannel"),
+    "record_header_size": (_fields(record_header_size=32), "CorruptChannel"),
+    "record_align": (_fields(record_align=8), "CorruptChannel"),
     "capacity_not_power_of_two": (_fields(capacity=CAP + 16), "CorruptChannel"),
     "capacity_doubled": (_fields(capacity=2 * CAP), "CorruptChannel"),  # larger than the mapping
     "max_record_over_half": (_fields(max_record=CAP // 2 + 16), "CorruptChannel"),
     "max_record_unaligned": (_fields(max_record=1000), "CorruptChannel"),
-    "tail_before_head": (_fields(head=64, tail=32), "CorruptChannel"),
-    "tail_past_capacity": (_fields(head=0, tail=CAP + 16), "CorruptChannel"),
-    "unaligned_head": (_fields(head=8, tail=16), "CorruptChannel"),
-    "unaligned_tail": (_fields(head=16, tail=40), "CorruptChannel"),
+    # Commit words: positions in 16-byte units (they cannot be unaligned any more) and
+    # record counts, which must agree with the bytes between head and tail.
+    "tail_before_head": (_fields(head=W(0, 64), tail=W(0, 32)), "CorruptChannel"),
+    "tail_past_capacity": (_fields(head=W(0, 0), tail=W(1, CAP + 16)), "CorruptChannel"),
+    "more_records_than_bytes": (_fields(head=W(0, 0), tail=W(3, 32)), "CorruptChannel"),
+    "records_without_bytes": (_fields(head=W(0, 64), tail=W(1, 64)), "CorruptChannel"),
+    "head_count_past_tail": (_fields(head=W(2, 64), tail=W(1, 128)), "CorruptChannel"),
 }
 
 OPEN_AND_REPORT = """
@@ -129,19 +162,19 @@ OPEN_AND_REPORT = """
     try:
         ch = shmchan.Channel.open(NAME, backend=BACKEND, timeout=0.3)
     except Exception as exc:
-        print(type(exc).__name__, round(time.monotonic() - t0, 3))
+        print(type(exc).__name__, round(time.monotonic() - t0, 3), str(exc).replace("\\n", " "))
     else:
         ch.close()
         print("opened")
 """
 
 
-def _open_in_child(backend: str, name: str) -> tuple[str, float]:
+def _open_in_child(backend: str, name: str) -> tuple[str, float, str]:
     res = run_child(OPEN_AND_REPORT, NAME=name, BACKEND=backend)
     assert res.returncode == 0, f"the opener died ({res.returncode}):\n{res.stderr}"
-    words = res.stdout.split()
+    words = res.stdout.split(maxsplit=2)
     assert words, res.stderr
-    return words[0], float(words[1]) if len(words) > 1 else 0.0
+    return words[0], float(words[1]) if len(words) > 1 else 0.0, words[2] if len(words) > 2 else ""
 
 
 @pytest.mark.parametrize("case", list(HEADER_CASES))
@@ -149,22 +182,72 @@ def test_corrupt_header_is_refused(backend: str, name: str, case: str) -> None:
     patch, expected = HEADER_CASES[case]
     Channel.create(name, capacity=CAP, backend=backend).close()
     with raw_segment(backend, name) as buf:
-        original = bytes(buf[: L.HEADER_SIZE])
+        assert buf.nbytes == HEADER + CAP
+        original = bytes(buf[:HEADER])
         patch(buf)
     try:
-        got, elapsed = _open_in_child(backend, name)
-        assert got == expected
-        if expected == "InitializationTimeout":
-            assert 0.3 <= elapsed < 1.5
+        got, _, why = _open_in_child(backend, name)
+        assert got == expected, why
+        if case == "layout_1":  # the message names both versions
+            assert "layout 1.0" in why and "layout 2" in why, why
+        if case == "bad_magic" and backend != "sysv":
+            # Not shmchan's: remove() refuses it (it is somebody else's file).
+            with pytest.raises(shmchan.NotAShmchanSegment):
+                Channel.remove(name, backend=backend)
     finally:
-        with raw_segment(backend, name) as buf:  # so that remove() finds the semaphores
-            buf[: L.HEADER_SIZE] = original
+        with raw_segment(backend, name) as buf:  # so that remove() recognises it
+            buf[:HEADER] = original
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["creator_gone", "creator_busy"])
+def test_unpublished_segment(backend: str, name: str, busy: bool) -> None:
+    """magic 0: a segment never published. While its creator is still at work (it holds
+    the creation lock: an OFD lock on bytes [0, 8), or semaphore 0 of the sysv peers
+    set), an opener waits out its timeout; once the creator is gone, it is told at once."""
+    Channel.create(name, capacity=CAP, backend=backend).close()
+    with raw_segment(backend, name) as buf:
+        original = bytes(buf[:8])
+        _put(buf, "magic", 0)
+    try:
+        with contextlib.ExitStack() as stack:
+            if busy:
+                stack.enter_context(_creation_lock_held(backend, name))
+            got, elapsed, why = _open_in_child(backend, name)
+        assert got == "InitializationTimeout", why
+        if busy:
+            assert 0.3 <= elapsed < 1.5, elapsed
+        else:
+            assert elapsed < 0.25, elapsed
+            assert "died" in why, why
+    finally:
+        with raw_segment(backend, name) as buf:
+            buf[:8] = original
+
+
+@contextmanager
+def _creation_lock_held(backend: str, name: str) -> Iterator[None]:
+    """Hold what a creator holds until it publishes its segment."""
+    if backend == "sysv":
+        semid = _cext.sem_lookup(sysv_key("/" + name.lstrip("/"), "peers"))
+        assert semid is not None
+        assert _cext.sem_op(semid, 0, 1, True, True)
+        try:
+            yield
+        finally:
+            _cext.sem_op(semid, 0, -1, True, True)
+        return
+    fd = os.open(segment_path(backend, name), os.O_RDWR | os.O_CLOEXEC)
+    try:
+        assert _cext.ofd_lock(fd, 0, 8, True)
+        yield
+    finally:
+        os.close(fd)  # releases the OFD lock
 
 
 @pytest.mark.parametrize("change", ["shorter", "longer", "below_header"])
 def test_segment_size_mismatch_is_refused(backend: str, name: str, change: str) -> None:
     """The mapping must be exactly header + capacity: a shorter one would SIGBUS."""
-    total = L.HEADER_SIZE + CAP
+    total = HEADER + CAP
     new_size = {"shorter": total - 4096, "longer": total + 4096, "below_header": 100}[change]
     expected = "InitializationTimeout" if change == "below_header" else "CorruptChannel"
     if backend == "sysv" and change == "below_header":
@@ -195,11 +278,12 @@ def test_segment_size_mismatch_is_refused(backend: str, name: str, change: str) 
 
 
 def _advance(ch: Channel, to: int) -> None:
-    """Move head and tail (equal) to ``to`` with 1 KiB records."""
-    while ch._core.ring.tail < to:
+    """Move head and tail (equal) to byte ``to`` with 1 KiB records."""
+    while header(ch)["tail_position"] < to:
         ch.send_bytes(b"s" * 1008)
         ch.recv_bytes_nowait()
-    assert ch._core.ring.tail == ch._core.ring.head == to
+    h = header(ch)
+    assert h["tail_position"] == h["head_position"] == to
 
 
 BLOCKED = """
@@ -223,7 +307,6 @@ def test_corrupt_record_is_refused_everywhere(backend: str, name: str, waiter: s
     CorruptChannel and marks the channel, so a peer blocked in another process and any
     other handle raise it too, instead of reading garbage or sleeping forever."""
     with Channel.create(name, capacity=CAP, backend=backend) as ch:
-        ring = ch._core.ring
         _advance(ch, 3072)
         if waiter == "producer":
             for _ in range(4):  # fill the ring: records at 3072 (to the end), 0, 1024, 2048
@@ -232,27 +315,25 @@ def test_corrupt_record_is_refused_everywhere(backend: str, name: str, waiter: s
                 ch.send_bytes_nowait(b"")
         with child(BLOCKED, NAME=name, BACKEND=backend, SIDE=waiter) as c:
             c.expect("ready")
-            counter = ring.consumers_waiting if waiter == "consumer" else ring.producers_waiting
-            wait_until(lambda: counter() == 1, 10, f"the {waiter} to wait")
-            bad = (1500 | (L.RT_BYTES << 32)).to_bytes(8, "little")  # 3072 + 1520 > 4096
-            at = L.HEADER_SIZE + (ring.head & ring.mask)
-            if waiter == "consumer":
-                # A "producer" that commits a record with an impossible length (no post).
-                assert ch._core.seg.wlock.acquire(None)
-                try:
-                    ch._core.seg.buf[at : at + 8] = bad
-                    ring._q[L.Q_TAIL] = ring.tail + 32
-                finally:
-                    ch._core.seg.wlock.release()
-            else:
-                ch._core.seg.buf[at : at + 8] = bad  # the record at head goes bad
+            counter = consumers_waiting if waiter == "consumer" else producers_waiting
+            wait_until(lambda: counter(ch) == 1, 10, f"the {waiter} to wait")
+            bad = struct.pack("<IH", 1500, L.RT_BYTES)  # 3072 + 16 + 1500 > 4096
+            before = header(ch)
+            at = HEADER + before["head_position"] % CAP
+            with raw_segment(backend, name) as buf:
+                buf[at : at + 6] = bad
+                if waiter == "consumer":
+                    # A "producer" commits a record with an impossible length (no wakeup:
+                    # the only writer is this test, nobody else touches the tail).
+                    assert before["records"] == 0
+                    _put(buf, "tail", W(before["tail_count"] + 1, before["tail_position"] + 32))
             with pytest.raises(shmchan.CorruptChannel):
                 ch.recv_bytes(timeout=1)
             t0 = time.monotonic()
             assert c.expect("raised", timeout=5) == "raised CorruptChannel"
             assert time.monotonic() - t0 < 1.0
             assert c.finish(timeout=10) == 0, c.stderr
-        assert ring.state() == L.STATE_CORRUPT
+        assert header(ch)["state"] == L.STATE_CORRUPT
         with Channel.open(name, backend=backend) as other:
             with pytest.raises(shmchan.CorruptChannel):
                 other.recv_bytes_nowait()
@@ -293,6 +374,9 @@ TMPFS_NOSPACE = """
     import errno, os
     import shmchan
     from shmchan import Channel
+    from shmchan import _layout as L
+
+    HEADER = L.header_size(L.DEFAULT_MAX_PEERS)
 
     def listing():
         return sorted(os.listdir("/dev/shm"))
@@ -322,9 +406,9 @@ TMPFS_NOSPACE = """
         attempt(backend + " 4MiB in 1MiB", backend, name, 4 << 20)
         fill(leave=100 << 10)
         attempt(backend + " 256KiB in 100KiB", backend, name, 256 << 10)
-        # Room for the 8 KiB segment but not for both of its semaphores.
-        fill(leave=8192 + 4096)
-        attempt(backend + " no room for semaphores", backend, name, 4096)
+        # A channel needs its header (HEADER bytes) and ring: leave room for one but not two.
+        fill(leave=HEADER + 4096 + 8192)
+        attempt(backend + " header room only", backend, name, 16384)
         os.unlink("/dev/shm/filler")
 
     # Created means backed: filling the tmpfs afterwards cannot SIGBUS the channel.
@@ -351,11 +435,63 @@ def test_full_tmpfs_raises_nospace_and_leaves_nothing() -> None:
     assert res.stdout.splitlines() == [
         "posix 4MiB in 1MiB NoSpace []",
         "posix 256KiB in 100KiB NoSpace ['filler']",
-        "posix no room for semaphores NoSpace ['filler']",
+        "posix header room only NoSpace ['filler']",
         "mmap 4MiB in 1MiB NoSpace []",
         "mmap 256KiB in 100KiB NoSpace ['filler']",
-        "mmap no room for semaphores NoSpace ['filler']",
+        "mmap header room only NoSpace ['filler']",
         "used a full tmpfs without SIGBUS []",
+    ], res.stderr
+
+
+TMPFS_SIDE_NOSPACE = """
+    import errno, os
+    import shmchan
+    from shmchan import Channel
+
+    for backend, name in (("posix", "x"), ("mmap", "/dev/shm/x-file")):
+        # Room for the channel but not for a side object (they are made in whole MiB): a
+        # large send fails with NoSpace, leaves no side object behind, and the channel
+        # goes on working.
+        ch = Channel.create(name, capacity=4096, backend=backend)
+        try:
+            try:
+                ch.send(b"L" * 100_000, timeout=1)
+            except shmchan.NoSpace as exc:
+                assert isinstance(exc, OSError) and exc.errno == errno.ENOSPC, exc
+                outcome = "NoSpace"
+            except BaseException as exc:
+                outcome = "unexpected " + type(exc).__name__
+            else:
+                outcome = "sent"
+            ch.send_bytes(b"small", timeout=1)
+            assert ch.recv_bytes(timeout=1) == b"small"
+            print(backend, outcome, sorted(os.listdir("/dev/shm")), flush=True)
+        finally:
+            ch.close()
+            ch.unlink()
+    print("left", sorted(os.listdir("/dev/shm")), flush=True)
+"""
+
+SIDE_PREPARE_ERROR = (
+    "BUG: an exception raised while a send prepares its side-pool entry (NoSpace, "
+    "UntrustedChannel, ...) comes out as SystemError('... returned NULL without setting an "
+    "exception'): side_prepare() in shmchan/_native/cext.c calls memoryview.release() with "
+    "the exception still set, then PyErr_Clear()s what that raised"
+)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(not _can_unshare("-m"), reason="needs root and unshare -m (private tmpfs on /dev/shm)")
+@pytest.mark.xfail(strict=True, reason=SIDE_PREPARE_ERROR)
+def test_full_tmpfs_fails_a_large_send_with_nospace() -> None:
+    res = _in_namespace(
+        ["-m", "--propagation", "private"], "mount -t tmpfs -o size=512k tmpfs /dev/shm", TMPFS_SIDE_NOSPACE
+    )
+    assert res.returncode == 0, f"child died ({res.returncode}, never SIGBUS):\n{res.stderr}"
+    assert res.stdout.splitlines() == [
+        "posix NoSpace ['x']",
+        "mmap NoSpace ['x-file']",
+        "left []",
     ], res.stderr
 
 
@@ -371,7 +507,7 @@ SYSV_LIMITS = """
                 counts.append(len(f.read().splitlines()) - 1)
         return counts
 
-    def limit(sysctl, value, capacity):
+    def limit(label, sysctl, value, capacity):
         path = "/proc/sys/kernel/" + sysctl
         with open(path) as f:
             saved = f.read()
@@ -381,24 +517,30 @@ SYSV_LIMITS = """
             Channel.create("x", capacity=capacity, backend="sysv")
         except shmchan.NoSpace as exc:
             assert isinstance(exc, OSError) and exc.errno == errno.ENOSPC, exc
-            print(sysctl, "NoSpace", objects(), flush=True)
+            print(label, "NoSpace", objects(), flush=True)
         except ValueError as exc:
-            print(sysctl, "ValueError", objects(), flush=True)
+            print(label, "ValueError", objects(), flush=True)
         except BaseException as exc:
-            print(sysctl, "unexpected", type(exc).__name__, exc, flush=True)
+            print(label, "unexpected", type(exc).__name__, exc, flush=True)
         else:
             Channel.remove("x", backend="sysv")
-            print(sysctl, "created", flush=True)
+            print(label, "created", flush=True)
         finally:
             with open(path, "w") as f:
                 f.write(saved)
 
     print("start", objects(), flush=True)
-    limit("shmmni", "0", 4096)                        # no segment ids at all
+    limit("shmmni", "shmmni", "0", 4096)                      # no segment ids at all
     sem = open("/proc/sys/kernel/sem").read().split()
-    limit("sem", " ".join(sem[:3] + ["2"]), 4096)     # SEMMNI 2: the third set fails
-    limit("shmall", "100", 4 << 20)                   # 100 pages in all
-    limit("shmmax", str(1 << 20), 4 << 20)            # segment larger than shmmax
+    # A channel has two semaphore sets: peers (one per peer slot) and presence (2).
+    limit("semmni", "sem", " ".join(sem[:3] + ["1"]), 4096)   # SEMMNI 1: the second set fails
+    limit("semmsl", "sem", " ".join(["1000"] + sem[1:]), 4096)  # 1024 peer semaphores > SEMMSL
+    limit("semmns", "sem", " ".join(sem[:1] + ["1025"] + sem[2:]), 4096)  # 1024 + 2 > SEMMNS
+    limit("shmall", "shmall", "100", 4 << 20)                 # 100 pages in all
+    limit("shmmax", "shmmax", str(1 << 20), 4 << 20)          # segment larger than shmmax
+    Channel.create("x", capacity=4096, backend="sysv").close()  # the limits are back
+    Channel.remove("x", backend="sysv")
+    print("restored created", objects(), flush=True)
 """
 
 
@@ -408,14 +550,16 @@ def test_sysv_limits_raise_nospace_and_leave_nothing() -> None:
     res = _in_namespace(["-i"], "true", SYSV_LIMITS)
     assert res.returncode == 0, f"child died ({res.returncode}):\n{res.stderr}"
     lines = res.stdout.splitlines()
-    assert lines[:4] == [
+    assert lines[:6] == [
         "start [0, 0]",
         "shmmni NoSpace [0, 0]",
-        "sem NoSpace [0, 0]",  # the segment and two semaphore sets were rolled back
+        "semmni NoSpace [0, 0]",  # the segment and the peers set were rolled back
+        "semmsl NoSpace [0, 0]",  # the segment was rolled back
+        "semmns NoSpace [0, 0]",  # the segment and the peers set were rolled back
         "shmall NoSpace [0, 0]",
     ], res.stderr
-    assert lines[4] in ("shmmax NoSpace [0, 0]", "shmmax ValueError [0, 0]"), res.stderr
-    assert len(lines) == 5
+    assert lines[6] in ("shmmax NoSpace [0, 0]", "shmmax ValueError [0, 0]"), res.stderr
+    assert lines[7:] == ["restored created [0, 0]"], res.stderr
 
 
 # -- 3. an idle waiter sleeps ------------------------------------------------------------------
@@ -449,7 +593,7 @@ def test_blocked_consumer_uses_no_cpu() -> None:
             kids[b] = Child(IDLE_CONSUMER, NAME=names[b], BACKEND=b)
         for b in backends:
             kids[b].expect("ready")
-            wait_until(lambda b=b: chans[b]._core.ring.consumers_waiting() == 1, 10, f"{b} consumer")
+            wait_until(lambda b=b: consumers_waiting(chans[b]) == 1, 10, f"{b} consumer")
         t0 = time.monotonic()
         before = {b: _cpu_ticks(kids[b].pid) for b in backends}
         time.sleep(window)  # the measurement window, not synchronisation
@@ -537,7 +681,7 @@ def test_message_arrives_during_signal_storm(backend: str, name: str) -> None:
         child(STORM, NAME=name, BACKEND=backend, MODE="wait") as c,
     ):
         c.expect("storming")
-        wait_until(lambda: ch._core.ring.consumers_waiting() == 1, 10, "the consumer to wait")
+        wait_until(lambda: consumers_waiting(ch) == 1, 10, "the consumer to wait")
         t0 = time.monotonic()
         ch.send_bytes(b"through the storm", timeout=1)
         line = c.expect("got", timeout=5)
@@ -565,32 +709,48 @@ HANDLER_RAISES = """
             except shmchan.Full:
                 break
     signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, 0.1)
-    t0 = time.monotonic()
-    try:
-        if MODE == "recv":
-            ch.recv_bytes(timeout=2.0)
-        else:
-            ch.send_bytes(b"x" * 100, timeout=2.0)
-        result = "returned"
-    except BaseException as exc:
-        result = type(exc).__name__
-    print(result, round(time.monotonic() - t0, 3), flush=True)
+    worst = ("FromHandler", 0.0)
+    for _ in range(ATTEMPTS):
+        signal.setitimer(signal.ITIMER_REAL, ALARM)
+        t0 = time.monotonic()
+        try:
+            if MODE == "recv":
+                ch.recv_bytes(timeout=1.0)
+            else:
+                ch.send_bytes(b"x" * 100, timeout=1.0)
+            result = "returned"
+        except BaseException as exc:
+            result = type(exc).__name__
+        elapsed = round(time.monotonic() - t0, 3)
+        if result != "FromHandler" or elapsed > worst[1]:
+            worst = (result, elapsed)
+        if result != "FromHandler" or elapsed >= 0.6:
+            break
+    print(*worst, flush=True)
 """
 
+SIGNAL_BETWEEN_SLICES = (
+    "BUG: a signal that arrives while a wait is between two futex sleeps (outside the "
+    "syscall) is not acted on until the call's deadline, or never without a timeout: "
+    "shmchan_wait_readable/_writable (shmchan/_native/shmchan.c) return SHMCHAN_INTR only "
+    "on EINTR, and cext.c never runs PyErr_CheckSignals between wait slices"
+)
 
+
+@pytest.mark.xfail(strict=True, reason=SIGNAL_BETWEEN_SLICES)
 @pytest.mark.parametrize("mode", ["recv", "send"])
 def test_exception_from_signal_handler_propagates(backend: str, name: str, mode: str) -> None:
     """An exception raised by a Python signal handler while a call is blocked comes out
     of that call (PEP 475), as KeyboardInterrupt does; it is not swallowed until the
-    timeout expires."""
+    timeout expires. Repeated with the alarm at one wait slice, where it often lands
+    between two sleeps of the wait: it must not be lost there either."""
     with Channel.create(name, capacity=CAP, backend=backend) as ch:
-        res = run_child(HANDLER_RAISES, NAME=name, BACKEND=backend, MODE=mode)
+        res = run_child(HANDLER_RAISES, NAME=name, BACKEND=backend, MODE=mode, ATTEMPTS=40, ALARM=WAIT_SLICE)
         assert res.returncode == 0, res.stderr
         result, elapsed = res.stdout.split()
         assert result == "FromHandler", f"{res.stdout.strip()} (expected FromHandler after ~0.1 s)"
-        assert float(elapsed) < 0.6
-        assert ch._core.ring.consumers_waiting() == ch._core.ring.producers_waiting() == 0
+        assert float(elapsed) < 0.6, f"FromHandler came out after {elapsed} s, not ~{WAIT_SLICE} s"
+        assert consumers_waiting(ch) == producers_waiting(ch) == 0
 
 
 # -- 5. Ctrl-C ------------------------------------------------------------------------------------
@@ -635,17 +795,16 @@ def test_ctrl_c_while_blocked(backend: str, name: str, side: str) -> None:
         Channel.create(name, capacity=CAP, backend=backend) as ch,
         child(CTRL_C, NAME=name, BACKEND=backend, SIDE=side) as c,
     ):
-        ring = ch._core.ring
-        counter = ring.consumers_waiting if side == "recv" else ring.producers_waiting
+        counter = consumers_waiting if side == "recv" else producers_waiting
         c.expect("ready")
-        wait_until(lambda: counter() == 1, 10, "the child to block")
-        positions = (ring.head, ring.tail)
+        wait_until(lambda: counter(ch) == 1, 10, "the child to block")
+        positions = ring_positions(ch)
         os.kill(c.pid, signal.SIGINT)
         t0 = time.monotonic()
         c.expect("interrupted", timeout=5)
         assert time.monotonic() - t0 < 1.0
-        assert counter() == 0, "the interrupted waiter is still registered"
-        assert (ring.head, ring.tail) == positions, "the interrupted call changed the ring"
+        assert counter(ch) == 0, "the interrupted waiter is still registered"
+        assert ring_positions(ch) == positions, "the interrupted call changed the ring"
         if side == "recv":
             ch.send_bytes(b"from-parent", timeout=1)
             c.tell("go")
@@ -660,20 +819,8 @@ def test_ctrl_c_while_blocked(backend: str, name: str, side: str) -> None:
             assert rest[-1] == b"after" and b"never-sent" not in rest
             assert rest[:-1] == [b"fill-%d" % i for i in range(1, len(rest))]
         assert c.finish(timeout=10) == 0, c.stderr
-        assert ring.consumers_waiting() == ring.producers_waiting() == 0
+        assert consumers_waiting(ch) == producers_waiting(ch) == 0
 
-
-LOCK_HOLDER = """
-    import sys
-    import shmchan
-    ch = shmchan.Channel.open(NAME, backend=BACKEND)
-    assert ch._core.seg.wlock.acquire(None)
-    print("locked", flush=True)
-    sys.stdin.readline()
-    ch._core.seg.wlock.release()
-    print("released", flush=True)
-    sys.stdin.readline()
-"""
 
 BLOCKED_ON_LOCK = """
     import signal, sys
@@ -698,36 +845,38 @@ def _proc_state(pid: int) -> str:
         return f.read().rsplit(")", 1)[1].split()[0]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a wait for a lock held by a live (stopped) process ignores signals: shmchan_lock "
+    "(shmchan/_native/shmchan.c) retries nanosleep on EINTR and has no SHMCHAN_INTR result, so "
+    "Ctrl-C (or a handler's exception) is not raised until the deadline, or ever without one",
+)
 def test_ctrl_c_while_waiting_for_a_stopped_lock_holder(backend: str, name: str) -> None:
     """A call with no timeout waits for a stopped (not dead) holder, but Ctrl-C still
     gets it out, holding nothing; once the holder continues, the interrupted process
     sends normally."""
     with (
         Channel.create(name, capacity=CAP, backend=backend) as ch,
-        child(LOCK_HOLDER, NAME=name, BACKEND=backend) as holder,
+        holding_lock(ch, "w", payload=b"held") as holder,
     ):
-        holder.expect("locked")
-        os.kill(holder.pid, signal.SIGSTOP)
-        try:
-            wait_until(lambda: _proc_state(holder.pid) in "Tt", 5, "the holder to stop")
-            # Started only now, so its send cannot slip in before the holder locked.
-            with child(BLOCKED_ON_LOCK, NAME=name, BACKEND=backend) as sender:
-                sender.expect("ready")
-                wait_until(lambda: _proc_state(sender.pid) == "S", 5, "the sender to block")
-                os.kill(sender.pid, signal.SIGINT)
-                t0 = time.monotonic()
-                sender.expect("interrupted", timeout=5)
-                assert time.monotonic() - t0 < 1.0
-                os.kill(holder.pid, signal.SIGCONT)
-                holder.tell("release")
-                holder.expect("released")
-                sender.tell("go")
-                sender.expect("done")
-                assert sender.finish(timeout=10) == 0, sender.stderr
-        finally:
+        # Started only now, so its send cannot slip in before the holder locked.
+        with child(BLOCKED_ON_LOCK, NAME=name, BACKEND=backend) as sender:
+            sender.expect("ready")
+            wait_until(lambda: _proc_state(sender.pid) == "S", 5, "the sender to block")
+            os.kill(sender.pid, signal.SIGINT)
+            t0 = time.monotonic()
+            sender.expect("interrupted", timeout=5)
+            assert time.monotonic() - t0 < 1.0
+            assert _proc_state(holder.pid) in "Tt"  # the stopped holder still holds the lock
+            assert lock_holder(ch, "w") is not None
             os.kill(holder.pid, signal.SIGCONT)
-        assert drain(ch) == [b"after"]
-        assert ch._core.ring.producers_waiting() == 0
+            holder.expect("sent")
+            sender.tell("go")
+            sender.expect("done")
+            assert sender.finish(timeout=10) == 0, sender.stderr
+        assert drain(ch) == [b"held", b"after"]
+        assert producers_waiting(ch) == 0
+        assert lock_holder(ch, "w") is None
 
 
 # -- 6. permissions, existing and missing names, symlinks -------------------------------------
@@ -743,6 +892,7 @@ def test_permissions_are_exact_whatever_the_umask(
     old = os.umask(umask)
     try:
         ch = Channel.create(name, capacity=CAP, backend=backend, **kwargs)
+        ch.send(b"L" * 3 * CAP)  # larger than the ring: creates a side object
     finally:
         os.umask(old)
     with ch:
@@ -751,17 +901,113 @@ def test_permissions_are_exact_whatever_the_umask(
             shm = sysv_ipc.SharedMemory(sysv_key(full, "shm"))
             shm.detach()
             modes = {"shm": shm.mode & 0o777}
-            for role in ("wlock", "rlock", "ne", "nf"):
-                modes[role] = sysv_ipc.Semaphore(sysv_key(full, role)).mode & 0o777
+            for role in ("peers", "presence"):
+                semid = _cext.sem_lookup(sysv_key(full, role))
+                assert semid is not None, role
+                modes[role] = _cext.sem_info(semid)[1] & 0o777
+            [index] = side_objects(ch)
+            shmid = _cext.shm_lookup(sysv_key(full, L.side_suffix(index)[1:]))
+            assert shmid is not None
+            modes["side"] = _cext.shm_info(shmid)[1] & 0o777
         else:
-            nonce = _get(ch._core.seg.buf, "nonce")
+            [index] = side_objects(ch)
             paths = {
                 "segment": segment_path(backend, name),
-                "ne": f"/dev/shm/sem.shmchan.{nonce:016x}.ne",
-                "nf": f"/dev/shm/sem.shmchan.{nonce:016x}.nf",
+                "side": segment_path(backend, name) + L.side_suffix(index),
             }
             modes = {what: os.stat(p).st_mode & 0o777 for what, p in paths.items()}
     assert modes == dict.fromkeys(modes, want), {k: oct(v) for k, v in modes.items()}
+
+
+def _set_owner(
+    backend: str, name: str, suffix: str = "", mode: int | None = None, uid: int | None = None
+) -> None:
+    """Change the mode or owner of a channel's memory (``suffix`` "": the segment; ".Sxx":
+    a side object), as another user (or a careless chmod) could."""
+    if backend == "sysv":
+        role = suffix[1:] if suffix else "shm"
+        shm = sysv_ipc.SharedMemory(sysv_key("/" + name.lstrip("/"), role))
+        try:
+            if mode is not None:
+                shm.mode = mode
+            if uid is not None:
+                shm.uid = uid
+        finally:
+            shm.detach()
+        return
+    path = segment_path(backend, name) + suffix
+    if mode is not None:
+        os.chmod(path, mode)
+    if uid is not None:
+        os.chown(path, uid, -1)
+
+
+@pytest.mark.parametrize("mode", [0o666, 0o620, 0o602, 0o640, 0o644])
+def test_open_refuses_a_channel_others_may_write(backend: str, name: str, mode: int) -> None:
+    """Whoever can write a channel can make its readers unpickle anything: a channel that
+    group or others may write is refused (UntrustedChannel) unless allow_foreign=True."""
+    with Channel.create(name, capacity=CAP, backend=backend) as ch:
+        _set_owner(backend, name, mode=mode)
+        if mode & 0o022:
+            with pytest.raises(shmchan.UntrustedChannel) as info:
+                Channel.open(name, backend=backend)
+            assert isinstance(info.value, shmchan.AccessDenied) and isinstance(info.value, PermissionError)
+            assert "allow_foreign" in str(info.value) and oct(mode) in str(info.value)
+            with pytest.raises(shmchan.UntrustedChannel):
+                shmchan.Queue.open(name, backend=backend)
+        else:
+            Channel.open(name, backend=backend).close()  # readable by others is fine
+        with Channel.open(name, backend=backend, allow_foreign=True) as other:
+            ch.send_bytes(b"shared on purpose")
+            assert other.recv_bytes_nowait() == b"shared on purpose"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the segment to another user")
+def test_open_refuses_a_channel_of_another_user(backend: str, name: str) -> None:
+    with Channel.create(name, capacity=CAP, backend=backend) as ch:
+        _set_owner(backend, name, uid=4242)
+        with pytest.raises(shmchan.UntrustedChannel, match="uid 4242"):
+            Channel.open(name, backend=backend)
+        with pytest.raises(shmchan.UntrustedChannel):
+            shmchan.Queue.open(name, backend=backend)
+        with Channel.open(name, backend=backend, allow_foreign=True) as other:
+            other.send_bytes(b"from a friend")
+            assert ch.recv_bytes_nowait() == b"from a friend"
+
+
+def test_a_side_object_others_may_write_is_not_read(backend: str, name: str) -> None:
+    """A side object must belong to the channel's owner with no more permissions: a
+    receiver refuses one that others may write (UntrustedChannel); the message is
+    consumed, its entry freed, and the channel goes on."""
+    big = b"L" * 3 * CAP
+    with Channel.create(name, capacity=CAP, backend=backend) as ch:
+        ch.send(big)
+        [index] = side_objects(ch)
+        _set_owner(backend, name, L.side_suffix(index), mode=0o666)
+        with pytest.raises(shmchan.UntrustedChannel, match="side segment"):
+            ch.recv(timeout=1)
+        assert header(ch)["records"] == 0
+        assert [e["state"] for e in side_entries(ch)] == ["free"] * ch._core.side_slots
+        ch.send_bytes(b"small")
+        assert ch.recv_bytes_nowait() == b"small"
+
+
+@pytest.mark.xfail(strict=True, reason=SIDE_PREPARE_ERROR)
+def test_a_send_refuses_a_side_object_others_may_write(backend: str, name: str) -> None:
+    """A sender reusing a side object checks it too: UntrustedChannel, nothing sent, the
+    entry given back."""
+    big = b"L" * 3 * CAP
+    with Channel.create(name, capacity=CAP, backend=backend) as ch:
+        ch.send(big)
+        assert ch.recv(timeout=1) == big
+        [index] = side_objects(ch)
+        _set_owner(backend, name, L.side_suffix(index), mode=0o666)
+        with pytest.raises(shmchan.UntrustedChannel, match="side segment"):
+            ch.send(big, timeout=1)
+        assert header(ch)["records"] == 0
+        assert [e["state"] for e in side_entries(ch)] == ["free"] * ch._core.side_slots
+        ch.send_bytes(b"small")
+        assert ch.recv_bytes_nowait() == b"small"
 
 
 def test_create_existing_and_open_missing(backend: str, name: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import queue
 
 import pytest
@@ -30,6 +31,10 @@ def test_all_is_a_sorted_tuple_of_every_public_name() -> None:
         (shmchan.Full, queue.Full),
         (shmchan.MessageTooLarge, ValueError),
         (shmchan.ClosedChannel, ValueError),
+        (shmchan.EndOfChannel, EOFError),
+        (shmchan.BrokenChannel, BrokenPipeError),
+        (shmchan.WrongMode, io.UnsupportedOperation),
+        (shmchan.UndecodableBatch, ValueError),
         (shmchan.UndecodableMessage, ValueError),
         (shmchan.LayoutError, ValueError),
         (shmchan.NotAShmchanSegment, shmchan.LayoutError),
@@ -38,6 +43,9 @@ def test_all_is_a_sorted_tuple_of_every_public_name() -> None:
         (shmchan.InitializationTimeout, TimeoutError),
         (shmchan.ChannelExists, FileExistsError),
         (shmchan.ChannelNotFound, FileNotFoundError),
+        (shmchan.AccessDenied, PermissionError),
+        (shmchan.UntrustedChannel, shmchan.AccessDenied),
+        (shmchan.TooManyPeers, OSError),
         (shmchan.NoSpace, OSError),
         (shmchan.BackendUnavailable, ImportError),
     ],
@@ -53,8 +61,23 @@ def test_no_space_carries_enospc() -> None:
     assert err.errno == errno.ENOSPC and "tmpfs full" in str(err)
 
 
+@pytest.mark.parametrize(
+    ("cls", "code"),
+    [
+        (shmchan.TooManyPeers, errno.EUSERS),
+        (shmchan.AccessDenied, errno.EACCES),
+        (shmchan.UntrustedChannel, errno.EACCES),
+        (shmchan.ChannelExists, errno.EEXIST),
+        (shmchan.ChannelNotFound, errno.ENOENT),
+    ],
+)
+def test_os_errors_carry_their_errno(cls: type[OSError], code: int) -> None:
+    err = cls("what happened")
+    assert err.errno == code and "what happened" in str(err)
+
+
 def test_layout_version() -> None:
-    assert shmchan.LAYOUT_VERSION == (1, 0)
+    assert shmchan.LAYOUT_VERSION == (2, 0)
 
 
 def test_backends() -> None:

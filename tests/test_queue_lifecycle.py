@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import Snapshot, leaks_since, snapshot
-from helpers.children import Child, descendants, wait_until
+from helpers.children import Child, descendants, header, records, side_entries, side_objects, wait_until
 from helpers.procs import child_env
 
 import shmchan
@@ -270,8 +270,11 @@ def test_side_segments_go_away_with_the_queue(backend: str) -> None:
     q: shmchan.Queue[bytes] = shmchan.Queue(backend=backend, capacity=4096)
     for i in range(3):
         q.put(bytes([i]) * 20_000)  # never received
-    assert q._core.ring.items() == 3
-    q.close()  # the last holder: the queue and its three side segments go
+    assert header(q)["records"] == 3
+    assert [t for _, t, _ in records(q)] == [L.RT_SIDE] * 3
+    assert sorted(e["state"] for e in side_entries(q)) == ["free", "queued", "queued", "queued"]
+    assert len(side_objects(q)) == 3
+    q.close()  # the last holder: the queue and its three side objects go
     wait_clean(baseline)
 
 
@@ -329,13 +332,15 @@ def test_get_after_every_producer_is_gone(backend: str) -> None:
 
 def test_numpy_8mib_is_copied_once_on_the_way_in(backend: str) -> None:
     """An 8 MiB array is written straight into shared memory (one copy, no pickled copy
-    on the Python heap) and arrives equal. tracemalloc sees every Python allocation,
-    so a second copy (a pickle of the data, an intermediate bytes) would show as
-    ~8 MiB of peak."""
+    on the Python heap) and arrives equal, as a private writable copy made in one copy
+    (the side entry it came through is reused by the next large message). tracemalloc
+    sees every Python allocation, so a second copy (a pickle of the data, an
+    intermediate bytes) would show as ~8 MiB of extra peak."""
     array = np.random.default_rng(1).random(2 << 20, dtype=np.float32)  # 8 MiB
     assert array.nbytes == 8 << 20
     q: shmchan.Queue[Any] = shmchan.Queue(backend=backend)
     try:
+        assert array.nbytes > q._core.max_payload  # it travels through the side pool
         tracemalloc.start()
         try:
             q.put(array)
@@ -346,27 +351,38 @@ def test_numpy_8mib_is_copied_once_on_the_way_in(backend: str) -> None:
         finally:
             tracemalloc.stop()
         assert put_peak < 256 << 10, f"put allocated {put_peak} bytes on the Python heap"
+        assert get_peak < array.nbytes + (256 << 10), f"get allocated {get_peak} bytes (more than one copy)"
         np.testing.assert_array_equal(back, array)
         assert back.flags.writeable
-        if backend != "sysv":  # received in place: the array's memory is the mapping
-            assert get_peak < 256 << 10, f"get allocated {get_peak} bytes"
+        # Private: the next large message reuses the same side entry and object, and
+        # neither it nor writing to the copy shows through the other.
+        assert [e["state"] for e in side_entries(q)] == ["free"] * q._core.side_slots
+        q.put(np.zeros_like(array))
+        back[:3] = (1.5, 2.5, 3.5)
+        assert not q.get(timeout=10).any()
+        np.testing.assert_array_equal(back[3:], array[3:])
+        assert tuple(back[:3]) == (1.5, 2.5, 3.5)
+        assert len(side_objects(q)) == 1
     finally:
         q.close()
 
 
 def test_record_types_on_the_wire(backend: str) -> None:
-    """bytes skip pickling; NumPy goes out of band; other objects are pickled."""
-    q: shmchan.Queue[Any] = shmchan.Queue(backend=backend)
+    """bytes skip pickling; NumPy goes out of band; other objects are pickled; a message
+    larger than the ring is a reference to a side-pool entry."""
+    q: shmchan.Queue[Any] = shmchan.Queue(backend=backend, capacity=4096)
     try:
         for obj, rtype in [
             (b"raw", L.RT_BYTES),
             ((1, 2.0, "x"), L.RT_PICKLE),
             (np.zeros(4), L.RT_PICKLE_OOB),
+            (b"big" * 4096, L.RT_SIDE),
         ]:
             q.put(obj)
-            [(_, seen, _)] = q._core.ring.records()
+            [(_, seen, _)] = records(q)
             assert seen == rtype
-            q.get(timeout=1)
+            back = q.get(timeout=1)
+            assert back == obj if rtype != L.RT_PICKLE_OOB else (back == obj).all()
     finally:
         q.close()
 

@@ -20,7 +20,9 @@ from typing import Any
 import pytest
 
 import shmchan
-from shmchan import Channel
+from shmchan import Channel, _cext
+from shmchan import _layout as L
+from shmchan._backends.sysv import sysv_key
 
 from . import procs
 
@@ -32,9 +34,9 @@ class Child:
     a deadline instead of sleeping.
     """
 
-    def __init__(self, code: str, **params: object) -> None:
+    def __init__(self, code: str, env: dict[str, str] | None = None, **params: object) -> None:
         prelude = "".join(f"{key} = {value!r}\n" for key, value in params.items())
-        self.proc = procs.popen(prelude + textwrap.dedent(code))
+        self.proc = procs.popen(prelude + textwrap.dedent(code), env=env)
         self.pid = self.proc.pid
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.complete: list[str] = []  # every full line, in order (for the stress test)
@@ -132,8 +134,8 @@ class Child:
 
 
 @contextmanager
-def child(code: str, **params: object) -> Iterator[Child]:
-    c = Child(code, **params)
+def child(code: str, env: dict[str, str] | None = None, **params: object) -> Iterator[Child]:
+    c = Child(code, env=env, **params)
     try:
         yield c
     finally:
@@ -185,22 +187,141 @@ def drain(ch: Channel) -> list[bytes]:
             return out
 
 
-def run_child(code: str, timeout: float = 30, **params: object) -> subprocess.CompletedProcess[str]:
+def run_child(
+    code: str, timeout: float = 30, env: dict[str, str] | None = None, **params: object
+) -> subprocess.CompletedProcess[str]:
     """Run ``code`` (with ``params`` bound as globals) to completion."""
     prelude = "".join(f"{key} = {value!r}\n" for key, value in params.items())
-    return procs.run(prelude + textwrap.dedent(code), timeout=timeout)
+    return procs.run(prelude + textwrap.dedent(code), timeout=timeout, env=env)
+
+
+# -- the shared header, as the compiled core keeps it (layout 2) -------------------------------
+
+
+def header(handle: Any) -> dict[str, Any]:
+    """Every field of the channel's shared header, decoded (of a Channel or a Queue)."""
+    core = handle._core
+    return L.decode_header(core.raw(0, core.header_size))
 
 
 def consumers_waiting(handle: Any) -> int:
-    """The channel's shared consumers_waiting counter (of a Channel or a Queue)."""
-    n: int = handle._core.ring.consumers_waiting()
-    return n
+    """How many handles (peer slots) have a consumer registered as sleeping."""
+    return len(header(handle)["waiting_consumers"])
 
 
 def producers_waiting(handle: Any) -> int:
-    """The channel's shared producers_waiting counter (of a Channel or a Queue)."""
-    n: int = handle._core.ring.producers_waiting()
-    return n
+    """How many handles (peer slots) have a producer registered as sleeping."""
+    return len(header(handle)["waiting_producers"])
+
+
+def joiners_waiting(handle: Any) -> int:
+    """How many handles (peer slots) have a join() registered as sleeping."""
+    return len(header(handle)["waiting_joiners"])
+
+
+def ring_positions(handle: Any) -> tuple[int, int]:
+    """``(head, tail)``: the consumers' and producers' commit words."""
+    h = header(handle)
+    return h["head"], h["tail"]
+
+
+def records(handle: Any) -> list[tuple[int, int, int]]:
+    """The records in the ring, head to tail, as ``(ring offset, type, payload length)``
+    (padding records skipped)."""
+    core = handle._core
+    h = L.decode_header(core.raw(0, core.header_size))
+    out = []
+    at, end = h["head_position"], h["tail_position"]
+    while at != end:
+        off = at % core.capacity
+        length, rtype, _, _ = L.RECORD_HEADER.unpack(core.raw(core.header_size + off, L.RECORD_HEADER_SIZE))
+        size = L.record_size(length)
+        if rtype == L.RT_PADDING:
+            size = core.capacity - off
+        else:
+            out.append((off, rtype, length))
+        at = (at + size) % ((L.UNIT_MASK + 1) << 4)
+    return out
+
+
+def lock_holder(handle: Any, which: str) -> int | None:
+    """The peer slot holding the write ("w") or read ("r") lock, or None when free."""
+    token = L.decode_lock(header(handle)[f"{which}lock"])
+    return None if token is None else token[0]
+
+
+def side_entries(handle: Any) -> list[dict[str, int | str]]:
+    """The channel's side-segment pool table (one dict per entry)."""
+    core = handle._core
+    buf = core.raw(0, core.header_size)
+    return [L.decode_side_entry(buf, i) for i in range(core.side_slots)]
+
+
+def side_objects(handle: Any) -> set[int]:
+    """Indexes of the side-pool objects that exist for ``handle``'s channel (posix:
+    ``/dev/shm/<name>.Sxx``, mmap: ``<path>.Sxx``, sysv: key ``sysv_key(name, "Sxx")``)."""
+    name, backend = handle.name, handle.backend
+    found = set()
+    for index in range(L.SIDE_SLOTS_MAX):
+        suffix = L.side_suffix(index)
+        if backend == "sysv":
+            exists = _cext.shm_lookup(sysv_key(name, suffix[1:])) is not None
+        elif backend == "posix":
+            exists = os.path.exists("/dev/shm/" + name.lstrip("/") + suffix)
+        else:
+            exists = os.path.lexists(name + suffix)
+        if exists:
+            found.add(index)
+    return found
+
+
+# -- a process holding a lock -------------------------------------------------------------------
+
+LOCK_HOLDER = """
+    import sys
+    import shmchan
+    h = shmchan.Channel.open(NAME, backend=BACKEND)
+    print("slot", h._core.slot, flush=True)
+    if LOCK == "w":
+        h.send_bytes(PAYLOAD)  # stops itself at w.locked, holding the write lock
+        print("sent", flush=True)
+    else:
+        try:
+            got = h.recv_bytes_nowait()  # stops itself at r.locked, holding the read lock
+        except shmchan.Empty:
+            print("got nothing", flush=True)
+        else:
+            print("got", repr(got), flush=True)
+    sys.stdin.readline()
+    h.close()
+    print("closed", flush=True)
+"""
+
+
+@contextmanager
+def holding_lock(handle: Any, which: str, payload: bytes = b"held") -> Iterator[Child]:
+    """A child process that opens ``handle``'s channel and stops (SIGSTOP, at a test fault
+    point) right after taking its write ("w": inside a send of ``payload``) or read ("r":
+    inside a non-blocking receive) lock. A stopped holder is alive: nobody takes its lock
+    over. ``SIGCONT`` lets it finish that one call (it prints "sent", or "got ..."/"got
+    nothing") and wait for a line on stdin before it closes; leaving the block kills it."""
+    point = {"w": "w.locked", "r": "r.locked"}[which]
+    c = Child(
+        LOCK_HOLDER,
+        env={"SHMCHAN_TEST_FAULT": f"{point}:stop"},
+        NAME=handle.name,
+        BACKEND=handle.backend,
+        LOCK=which,
+        PAYLOAD=payload,
+    )
+    try:
+        slot = int(c.expect("slot").split()[1])
+        wait_until(lambda: c.proc.poll() is not None or proc_state(c.pid) in "Tt", 10, "the holder to stop")
+        assert c.proc.poll() is None, f"the lock holder exited ({c.proc.returncode}):\n{c.stderr}"
+        assert lock_holder(handle, which) == slot, "the stopped child does not hold the lock"
+        yield c
+    finally:
+        c.kill()
 
 
 def fill(ch: Channel) -> None:

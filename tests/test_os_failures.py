@@ -472,17 +472,9 @@ TMPFS_SIDE_NOSPACE = """
     print("left", sorted(os.listdir("/dev/shm")), flush=True)
 """
 
-SIDE_PREPARE_ERROR = (
-    "BUG: an exception raised while a send prepares its side-pool entry (NoSpace, "
-    "UntrustedChannel, ...) comes out as SystemError('... returned NULL without setting an "
-    "exception'): side_prepare() in shmchan/_native/cext.c calls memoryview.release() with "
-    "the exception still set, then PyErr_Clear()s what that raised"
-)
-
 
 @pytest.mark.root
 @pytest.mark.skipif(not _can_unshare("-m"), reason="needs root and unshare -m (private tmpfs on /dev/shm)")
-@pytest.mark.xfail(strict=True, reason=SIDE_PREPARE_ERROR)
 def test_full_tmpfs_fails_a_large_send_with_nospace() -> None:
     res = _in_namespace(
         ["-m", "--propagation", "private"], "mount -t tmpfs -o size=512k tmpfs /dev/shm", TMPFS_SIDE_NOSPACE
@@ -729,15 +721,7 @@ HANDLER_RAISES = """
     print(*worst, flush=True)
 """
 
-SIGNAL_BETWEEN_SLICES = (
-    "BUG: a signal that arrives while a wait is between two futex sleeps (outside the "
-    "syscall) is not acted on until the call's deadline, or never without a timeout: "
-    "shmchan_wait_readable/_writable (shmchan/_native/shmchan.c) return SHMCHAN_INTR only "
-    "on EINTR, and cext.c never runs PyErr_CheckSignals between wait slices"
-)
 
-
-@pytest.mark.xfail(strict=True, reason=SIGNAL_BETWEEN_SLICES)
 @pytest.mark.parametrize("mode", ["recv", "send"])
 def test_exception_from_signal_handler_propagates(backend: str, name: str, mode: str) -> None:
     """An exception raised by a Python signal handler while a call is blocked comes out
@@ -845,12 +829,6 @@ def _proc_state(pid: int) -> str:
         return f.read().rsplit(")", 1)[1].split()[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a wait for a lock held by a live (stopped) process ignores signals: shmchan_lock "
-    "(shmchan/_native/shmchan.c) retries nanosleep on EINTR and has no SHMCHAN_INTR result, so "
-    "Ctrl-C (or a handler's exception) is not raised until the deadline, or ever without one",
-)
 def test_ctrl_c_while_waiting_for_a_stopped_lock_holder(backend: str, name: str) -> None:
     """A call with no timeout waits for a stopped (not dead) holder, but Ctrl-C still
     gets it out, holding nothing; once the holder continues, the interrupted process
@@ -992,7 +970,6 @@ def test_a_side_object_others_may_write_is_not_read(backend: str, name: str) -> 
         assert ch.recv_bytes_nowait() == b"small"
 
 
-@pytest.mark.xfail(strict=True, reason=SIDE_PREPARE_ERROR)
 def test_a_send_refuses_a_side_object_others_may_write(backend: str, name: str) -> None:
     """A sender reusing a side object checks it too: UntrustedChannel, nothing sent, the
     entry given back."""

@@ -118,6 +118,8 @@ static void leave(CoreObject *self) {
 static PyObject *raise_rc(CoreObject *self, int rc) {
     const char *why = self->c.why[0] ? self->c.why : "unknown";
     switch (rc) {
+    case PYERR: /* a signal handler raised: its exception is already set */
+        return NULL;
     case SHMCHAN_E_CORRUPT:
         return PyErr_Format(E_Corrupt, "channel %R: %s", self->name, why);
     case SHMCHAN_E_SYS:
@@ -164,16 +166,20 @@ static double lock_deadline(double deadline) {
 }
 
 /* Take lock `which`: a short try with the GIL, then a real wait without it. Returns a
- * library code; SHMCHAN_INTR never escapes (signals are handled here). */
+ * library code, or PYERR when a signal handler raised; SHMCHAN_INTR never escapes
+ * (signal handlers run here, between slices of the wait, as in CPython's own locks). */
 static int take_lock(CoreObject *self, int which, double deadline, int flags) {
     int rc = shmchan_trylock(&self->c, which);
     if (rc != SHMCHAN_BUSY) return rc;
     if (flags & F_NOGRACE) return SHMCHAN_BUSY;
     double ld = lock_deadline(deadline);
-    Py_BEGIN_ALLOW_THREADS
-    rc = shmchan_lock(&self->c, which, ld);
-    Py_END_ALLOW_THREADS
-    return rc;
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = shmchan_lock(&self->c, which, ld);
+        Py_END_ALLOW_THREADS
+        if (rc != SHMCHAN_INTR) return rc;
+        if (PyErr_CheckSignals() < 0) return PYERR;
+    }
 }
 
 /* ---- encoding ------------------------------------------------------------------------ */
@@ -394,13 +400,25 @@ static int side_prepare(CoreObject *self, enc_t *e, double deadline) {
     }
     Py_XDECREF(dl);
     Py_XDECREF(nobj);
-    /* The views point into our parts: they must not outlive this call. */
+    /* The views point into our parts: they must not outlive this call. The hook's
+     * exception (if any) is kept aside meanwhile, so that it is the one raised. */
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *pending = PyErr_GetRaisedException();
+#else
+    PyObject *ptype, *pvalue, *ptb;
+    PyErr_Fetch(&ptype, &pvalue, &ptb);
+#endif
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(parts); i++) {
         PyObject *mv = PyTuple_GET_ITEM(PyList_GET_ITEM(parts, i), 1);
         PyObject *r = PyObject_CallMethod(mv, "release", NULL);
         if (!r) PyErr_Clear();
         Py_XDECREF(r);
     }
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(pending);
+#else
+    PyErr_Restore(ptype, pvalue, ptb);
+#endif
     Py_DECREF(parts);
     if (!res) return -1;
     if (res == Py_None) {
@@ -1507,6 +1525,9 @@ static int Core_init(CoreObject *self, PyObject *args, PyObject *kwds) {
     self->map = map;
     self->map_size = size;
     int rc = shmchan_open(&self->c, map, size, kind == SHMCHAN_LIVENESS_OFD ? handle : -1);
+    /* Waits come back for signals after every slice: a signal that arrived outside a
+     * system call (so no EINTR) still has its handler run within one slice. */
+    self->c.slice_intr = 1;
     if (rc == SHMCHAN_OK && self->c.liveness != kind) {
         snprintf(self->c.why, sizeof self->c.why, "liveness kind %d is not this backend's %d", self->c.liveness,
                  kind);

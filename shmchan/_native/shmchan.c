@@ -627,6 +627,7 @@ int shmchan_lock(shmchan_chan *c, int which, double deadline) {
             }
         }
         if (deadline >= 0 && now >= deadline) return SHMCHAN_TIMEOUT;
+        if (c->slice_intr && now - start >= SHMCHAN_WAIT_SLICE) return SHMCHAN_INTR;
         /* A holder keeps the lock for a microsecond unless it is descheduled (a loaded
          * machine), stopped or dead. For about a millisecond, yield the processor (the
          * holder may be waiting for it); only then back off to sleeps, never past the
@@ -642,7 +643,7 @@ int shmchan_lock(shmchan_chan *c, int which, double deadline) {
         long ns = sleep_ns;
         if (left * 1e9 < (double)ns) ns = left > 0 ? (long)(left * 1e9) + 1 : 1;
         struct timespec ts = {0, ns};
-        nanosleep(&ts, NULL);
+        if (nanosleep(&ts, NULL) != 0 && errno == EINTR) return SHMCHAN_INTR;
         if (sleep_ns < 1000000) sleep_ns *= 2;
         (void)iter;
     }
@@ -798,15 +799,14 @@ void shmchan_r_commit(shmchan_chan *c, uint64_t at, uint32_t count) {
     uint64_t h = atomic_load_explicit(W64(c, SHMCHAN_OFF_HEAD), memory_order_relaxed);
     if (UNITS(h) == at && !count) return;
     if (count) FAULT("r.taken");
-    /* Whether this get frees enough for waiting producers to be worth waking: it takes
-     * the ring to half full or below, or empties it, or frees an item slot of a ring
-     * that was full by count. (Waking on every get while producers sleep would make
-     * them wake, put one record and sleep again, one system call per message.) */
+    /* Every get that frees room wakes one sleeping producer (docs/layout.md section 8);
+     * one that takes the ring to half full or below, or empties it, or frees an item
+     * slot of a ring full by count, wakes them all (their needs may differ). */
     uint64_t t = atomic_load_explicit(W64(c, SHMCHAN_OFF_TAIL), memory_order_acquire);
     uint64_t before = ((UNITS(t) - UNITS(h)) & SHMCHAN_UNIT_MASK) << 4;
     uint64_t after = ((UNITS(t) - at) & SHMCHAN_UNIT_MASK) << 4;
     uint64_t records = (COUNT(t) - COUNT(h)) & SHMCHAN_COUNT_MASK;
-    c->room_freed = after == 0 || (before > c->capacity / 2 && after <= c->capacity / 2) ||
+    c->room_plenty = after == 0 || (before > c->capacity / 2 && after <= c->capacity / 2) ||
                     (c->max_items && records >= c->max_items && records - count < c->max_items) ||
                     (c->max_items && records - count <= c->max_items / 2 && records > c->max_items / 2);
     uint64_t L = atomic_load_explicit(W64(c, SHMCHAN_OFF_MSGS_GOT), memory_order_relaxed);
@@ -942,7 +942,7 @@ void shmchan_after_get(shmchan_chan *c, size_t records) {
     (void)records;
     /* W2: the commit (head store) before reading the waiter bitmaps (full fence). */
     atomic_thread_fence(memory_order_seq_cst);
-    if (c->room_freed) shmchan_wake(c, SHMCHAN_EV_NOT_FULL, INT_MAX);
+    shmchan_wake(c, SHMCHAN_EV_NOT_FULL, c->room_plenty ? INT_MAX : 1);
     if (!shmchan_is_empty(c)) shmchan_wake(c, SHMCHAN_EV_NOT_EMPTY, 1); /* the baton */
 }
 
@@ -1067,7 +1067,7 @@ int shmchan_wait_readable(shmchan_chan *c, double deadline, int flags) {
         /* W1: re-check after registering (the fence is in shmchan_register). */
         if (shmchan_is_empty(c) && !closing(c)) rc = shmchan_wait(c, SHMCHAN_EV_NOT_EMPTY, seen, slice_until(deadline));
         shmchan_register(c, SHMCHAN_EV_NOT_EMPTY, -1);
-        if (rc == SHMCHAN_INTR) return rc;
+        if (rc == SHMCHAN_INTR || (rc == SHMCHAN_TIMEOUT && c->slice_intr)) return SHMCHAN_INTR;
     }
 }
 
@@ -1091,7 +1091,7 @@ int shmchan_wait_writable(shmchan_chan *c, uint64_t n, double deadline, int flag
         int still = side ? side_none_free(c) : !shmchan_room_for(c, n);
         if (still && !closing(c)) rc = shmchan_wait(c, SHMCHAN_EV_NOT_FULL, seen, slice_until(deadline));
         shmchan_register(c, SHMCHAN_EV_NOT_FULL, -1);
-        if (rc == SHMCHAN_INTR) return rc;
+        if (rc == SHMCHAN_INTR || (rc == SHMCHAN_TIMEOUT && c->slice_intr)) return SHMCHAN_INTR;
     }
 }
 
@@ -1108,7 +1108,7 @@ int shmchan_wait_joined(shmchan_chan *c, double deadline) {
         if (shmchan_unfinished(c) != 0 && !closing(c))
             rc = shmchan_wait(c, SHMCHAN_EV_JOINED, seen, slice_until(deadline));
         shmchan_register(c, SHMCHAN_EV_JOINED, -1);
-        if (rc == SHMCHAN_INTR) return rc;
+        if (rc == SHMCHAN_INTR || (rc == SHMCHAN_TIMEOUT && c->slice_intr)) return SHMCHAN_INTR;
     }
 }
 

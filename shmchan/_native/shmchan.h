@@ -205,10 +205,15 @@ typedef struct shmchan_chan {
     uint64_t token;             /* (gen << 16) | (slot + 1): our lock token */
     uint32_t roles;             /* presence held: bit SHMCHAN_WRITER / SHMCHAN_READER */
     int closing;                /* set to make waits return SHMCHAN_CLOSED */
+    int slice_intr;             /* set: a blocking wait or lock wait also returns SHMCHAN_INTR
+                                 * after each slice (SHMCHAN_WAIT_SLICE) without progress, so
+                                 * that a caller can run signal handlers that a signal
+                                 * arriving outside a system call left pending */
     int64_t spin_ns[2];         /* adaptive spin budgets: [0] receive, [1] send */
     uint32_t idle_wakes;        /* wakes that woke nobody (triggers a waiter sweep) */
     int local_waiters[3];       /* this handle's sleepers per event (reg_lock) */
-    int room_freed;             /* the last get freed enough room to wake producers */
+    int room_plenty;            /* the last get emptied the ring, took it to half full or
+                                 * below, or freed an item slot: wake every producer */
     void *reg_lock;             /* a pthread_mutex_t owned by the library */
     char why[160];              /* what a SHMCHAN_E_CORRUPT/... result was about */
 } shmchan_chan;
@@ -301,7 +306,9 @@ int shmchan_trylock(shmchan_chan *c, int which);
 /* Take lock `which`, waiting until `deadline` (CLOCK_MONOTONIC seconds; < 0: no limit).
  * A holder found dead (its slot's liveness is gone or its generation changed) is taken
  * over, and what it left half done is repaired. SHMCHAN_OK, SHMCHAN_TIMEOUT,
- * SHMCHAN_CLOSED, SHMCHAN_E_SYS. A stopped (SIGSTOP) holder is waited for, never robbed. */
+ * SHMCHAN_INTR (a signal interrupted a sleep, or a slice passed with `slice_intr` set:
+ * nothing changed, call again), SHMCHAN_CLOSED, SHMCHAN_E_SYS. A stopped (SIGSTOP)
+ * holder is waited for, never robbed. */
 int shmchan_lock(shmchan_chan *c, int which, double deadline);
 void shmchan_unlock(shmchan_chan *c, int which);
 /* Whether the holder of the lock word `token` is certainly dead (a system call). */
@@ -335,7 +342,9 @@ uint32_t shmchan_seq(shmchan_chan *c, int event);
  * dies is uncounted by whoever next holds its dead slot). */
 void shmchan_register(shmchan_chan *c, int event, int delta);
 /* Sleep until `event`'s counter moves from `seen`, the timeout passes (seconds), or a
- * signal arrives: SHMCHAN_OK (moved or spurious), SHMCHAN_TIMEOUT, SHMCHAN_INTR. */
+ * signal arrives: SHMCHAN_OK (moved or spurious), SHMCHAN_TIMEOUT, SHMCHAN_INTR.
+ * The waits below return SHMCHAN_INTR when a signal interrupts them (nothing changed:
+ * call again), and, with `slice_intr` set, after every slice that ended without progress. */
 int shmchan_wait(shmchan_chan *c, int event, uint32_t seen, double timeout);
 /* Wait on several handles' not-empty counters at once (FUTEX_WAITV). */
 int shmchan_wait_any(shmchan_chan *const *cs, const uint32_t *seen, size_t n, double timeout);

@@ -105,9 +105,10 @@ async def _sleep_in_thread(core: Any, event: int, seen: int) -> None:
 class _Gate:
     """The tasks of one event loop waiting on one event of one channel handle."""
 
-    def __init__(self, core: Any, event: int) -> None:
+    def __init__(self, core: Any, event: int, key: tuple[int, int, int]) -> None:
         self.core = core
         self.event = event
+        self.key = key
         self.refs = 0
         self.leader = False
         self.round = anyio.Event()
@@ -121,6 +122,11 @@ class _Gate:
         self.refs -= 1
         if self.refs == 0:
             self.core.register(self.event, -1)
+            # Nobody waits here any more: forget the gate, so that it keeps neither the
+            # handle nor the event loop alive.
+            entry = _gates.get(self.key)
+            if entry is not None and entry[2] is self:
+                del _gates[self.key]
 
     async def wait(self, seen: int) -> None:
         """Return after the counter moved from ``seen``, or after at most one slice."""
@@ -144,9 +150,7 @@ def _gate(core: Any, event: int) -> _Gate:
     key = (id(core), event, id(loop))
     entry = _gates.get(key)
     if entry is None or entry[0] is not core or entry[1] is not loop:
-        for old in [k for k, (_, _, g) in _gates.items() if g.refs == 0]:
-            del _gates[old]  # gates of handles or event loops that are gone
-        entry = _gates[key] = (core, loop, _Gate(core, event))
+        entry = _gates[key] = (core, loop, _Gate(core, event, key))
     return entry[2]
 
 

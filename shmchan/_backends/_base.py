@@ -234,6 +234,8 @@ def wait_published(probe: Callable[[], tuple[int, int, bool]], timeout: float, n
         magic, size, busy = probe()
         if magic and size >= L.HEADER_BASE:
             return size
+        if magic:  # published, then cut short: a creator publishes only a full-size segment
+            raise CorruptChannel(f"channel {name!r} is {size} bytes, shorter than a header ({L.HEADER_BASE})")
         if not magic and size > 0 and not busy:
             raise InitializationTimeout(
                 f"channel {name!r} exists but its creator died before publishing it (remove the name)"

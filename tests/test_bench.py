@@ -63,7 +63,7 @@ def test_quick_bench_prints_every_table(quick_run: QuickRun) -> None:
     proc = quick_run.proc
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    for title in ("#### A.", "#### B-E.", "#### F.", "against the targets of issue 5"):
+    for title in ("#### A.", "#### B-E.", "#### F.", "against its targets (default settings)", "#### Per call"):
         assert title in out
     for row in ("| mp.Queue |", "| mp.SimpleQueue |", "| mp.Pipe |", "| **shmchan.Queue[posix]** |"):
         assert row in out

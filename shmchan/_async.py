@@ -32,6 +32,7 @@ import anyio.from_thread
 import anyio.lowlevel
 
 from . import _objects
+from . import _redis as _remote
 from ._backends._base import Wakeup
 from ._core import WAIT_SLICE, ChannelCore, Waiter
 from ._errors import BrokenChannel, ClosedChannel, Empty, EndOfChannel, Full, WrongMode
@@ -189,6 +190,9 @@ class AsyncQueue(Generic[T]):
         q = self._q
         if q._closed:
             raise q._closed_error()
+        if q._backend == _remote.BACKEND:  # redis dispatch: await core.put_async(obj)
+            await q._rc.put_async(item)
+            return
         out = _objects.prepare(q._core, q._impl, q._name, item)
         await _send(q._core, out, lambda: _objects.discard(q._impl, q._name, out))
 
@@ -197,6 +201,9 @@ class AsyncQueue(Generic[T]):
         q = self._q
         if q._closed:
             raise q._closed_error()
+        if q._backend == _remote.BACKEND:  # redis dispatch: await core.get_async()
+            got: T = await q._rc.get_async()
+            return got
         item: T = await _until(
             q._core,
             Waiter.CONSUMER,
@@ -212,6 +219,9 @@ class AsyncQueue(Generic[T]):
         q = self._q
         if q._closed:
             raise q._closed_error()
+        if q._backend == _remote.BACKEND:  # redis dispatch: await core.put_many_async(objs)
+            await q._rc.put_many_async(items)
+            return
         core: ChannelCore = q._core
         batch = _objects.prepare_many(core, q._impl, q._name, items)
 
@@ -231,6 +241,9 @@ class AsyncQueue(Generic[T]):
         q = self._q
         if q._closed:
             raise q._closed_error()
+        if q._backend == _remote.BACKEND:  # redis dispatch: await core.get_many_async(max_items)
+            got: list[T] = await q._rc.get_many_async(max_items)
+            return got
         items: list[T] = await _until(
             q._core,
             Waiter.CONSUMER,
@@ -275,6 +288,9 @@ class AsyncQueue(Generic[T]):
             raise AttributeError("join() needs a JoinableQueue")
         if q._closed:
             raise q._closed_error()
+        if q._backend == _remote.BACKEND:  # redis dispatch: await core.join_async()
+            await q._rc.join_async()
+            return
         core: ChannelCore = q._core
         await _until(
             core, Waiter.JOINER, lambda: True if core.join(deadline_after(0.0)) else _objects.NOTHING
@@ -305,6 +321,9 @@ class ChannelStream(anyio.abc.ObjectStream[Any]):
         ch = self._ch
         try:
             ch._writable()
+            if ch._backend == _remote.BACKEND:  # redis dispatch: await core.send_async(obj) (BrokenChannel)
+                await ch._rc.send_async(item)
+                return
             if ch._broken():
                 raise BrokenChannel(f"channel {ch.name!r}: every reader is gone")
             out = _objects.prepare(ch._core, ch._impl, ch._name, item)
@@ -318,6 +337,8 @@ class ChannelStream(anyio.abc.ObjectStream[Any]):
         ch = self._ch
         try:
             eof = ch._readable()
+            if ch._backend == _remote.BACKEND:  # redis dispatch: await core.recv_async() (EndOfChannel)
+                return await ch._rc.recv_async()
             return await _until(
                 ch._core,
                 Waiter.CONSUMER,
@@ -349,6 +370,10 @@ async def aselect(*sources: Any) -> tuple[Any, Any]:
     from ._select import check_sources, next_start, try_each
 
     check_sources(sources)
+    if any(s.backend == _remote.BACKEND for s in sources):  # redis dispatch: select over redis sources
+        from ._redis._select import aselect as remote_aselect
+
+        return await remote_aselect(sources)
     await anyio.lowlevel.checkpoint_if_cancelled()
     while True:
         found = try_each(sources, next_start())

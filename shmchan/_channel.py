@@ -7,10 +7,11 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Self, cast
 
 from . import _layout as L
 from . import _objects
+from . import _redis as _remote
 from ._backends import DEFAULT_BACKEND, get_backend
 from ._backends._base import DEFAULT_OPEN_TIMEOUT, READER, WRITER, check_permissions
 from ._core import ChannelCore
@@ -110,11 +111,14 @@ class Channel:
         """Use :meth:`create` or :meth:`open`."""
         self._core = core
         self._backend = backend
-        self._impl = get_backend(backend)
-        self._name = core.seg.name
         self._mode = mode
         self._closed = False
         self._broken_checked = 0.0
+        if backend == _remote.BACKEND:  # redis dispatch: the core registered its roles itself
+            self._name = str(self._rc.name)
+            return
+        self._impl = get_backend(backend)
+        self._name = core.seg.name
         try:
             if "w" in mode:
                 core.enter_role(WRITER)
@@ -136,6 +140,8 @@ class Channel:
         backend: str = DEFAULT_BACKEND,
         permissions: int = 0o600,
         mode: str = "rw",
+        url: str | None = None,
+        lease: float | None = None,
     ) -> Channel:
         """Create a new channel called ``name`` and return a handle to it.
 
@@ -146,6 +152,13 @@ class Channel:
         size). The memory is allocated now, and the segment and its semaphores get
         exactly ``permissions``, whatever the umask. ``mode`` is this handle's rights.
 
+        ``backend="redis"`` puts the channel on the Redis/Valkey server at ``url``
+        (default ``$SHMCHAN_REDIS_URL``), for processes on any host; ``capacity``
+        then bounds the payload bytes queued, ``permissions`` does not apply, and
+        ``lease`` is how long (seconds, default 5) the handle's writer or reader
+        lease lasts without renewal: a process that dies is gone after that long
+        (docs/redis.md).
+
         Raises:
             ChannelExists: the name is taken.
             NoSpace: the OS cannot back the memory (nothing is left behind).
@@ -153,6 +166,10 @@ class Channel:
             BackendUnavailable: unknown or unusable backend.
         """
         _check_mode(mode)
+        if backend == _remote.BACKEND:  # redis dispatch: a channel core, created by URL and name
+            core = _remote.channel_core().create(url, name, mode, capacity, max_message, lease)
+            return cls(cast(Any, core), backend, mode)
+        _local_only(url, lease)
         cap, max_record = geometry(capacity, max_message)
         perms = check_permissions(permissions)
         impl = get_backend(backend)
@@ -167,6 +184,8 @@ class Channel:
         backend: str = DEFAULT_BACKEND,
         timeout: float = DEFAULT_OPEN_TIMEOUT,
         mode: str = "rw",
+        url: str | None = None,
+        lease: float | None = None,
     ) -> Channel:
         """Attach to the existing channel ``name`` with ``mode`` "r", "w" or "rw".
 
@@ -179,23 +198,39 @@ class Channel:
                 usable v1 channel (checked before any of its memory is trusted).
         """
         _check_mode(mode)
+        if backend == _remote.BACKEND:  # redis dispatch: attach a channel core by URL and name
+            return cls(cast(Any, _remote.channel_core().open(url, name, mode, lease)), backend, mode)
+        _local_only(url, lease)
         impl = get_backend(backend)
         seg = impl.open(name, check_timeout(timeout) or 0.0)
         return cls(ChannelCore(seg), backend, mode)
 
     @staticmethod
-    def remove(name: str, *, backend: str = DEFAULT_BACKEND) -> None:
+    def remove(name: str, *, backend: str = DEFAULT_BACKEND, url: str | None = None) -> None:
         """Remove channel ``name`` and its semaphores from the system.
 
         On the posix and mmap backends, handles that are open keep working; on sysv
         they raise ChannelNotFound (SysV semaphores die at once). New :meth:`open`
-        calls fail. Raises ChannelNotFound if there is no such channel.
+        calls fail. Raises ChannelNotFound if there is no such channel. On redis
+        (``url``) the channel is deleted from the server.
         """
+        if backend == _remote.BACKEND:  # redis dispatch: delete by URL and name
+            _remote.channel_core().remove(url, name)
+            return
+        _local_only(url, None)
         get_backend(backend).remove(name)
 
     def unlink(self) -> None:
         """Remove this channel's name (see :meth:`remove`)."""
+        if self._backend == _remote.BACKEND:  # redis dispatch: the core knows its URL
+            _remote.channel_core().remove(self._rc.url, self._name)
+            return
         self.remove(self._name, backend=self._backend)
+
+    @property
+    def _rc(self) -> Any:
+        """The redis channel core behind this face (redis dispatch)."""
+        return self._core
 
     @property
     def name(self) -> str:
@@ -213,7 +248,10 @@ class Channel:
 
     @property
     def capacity(self) -> int:
-        """Ring size in bytes."""
+        """Ring size in bytes (on redis: the most payload bytes queued)."""
+        if self._backend == _remote.BACKEND:  # redis dispatch: core.capacity
+            cap: int = self._rc.capacity
+            return cap
         return self._core.seg.info.capacity
 
     @property
@@ -283,6 +321,12 @@ class Channel:
                     f"({self._core.max_payload} bytes)"
                 )
             data = view
+        if (
+            self._backend == _remote.BACKEND
+        ):  # redis dispatch: core.send(obj, deadline, raw) -> bool (BrokenChannel)
+            if not self._rc.send(data, deadline_after(timeout), raw):
+                raise Full(f"channel {self._name!r} stayed full for {timeout:g} s")
+            return
         if self._broken():
             raise BrokenChannel(f"channel {self._name!r}: every reader is gone")
         deadline = deadline_after(timeout)
@@ -299,12 +343,17 @@ class Channel:
         many went in (the first ones). Raises as :meth:`send` otherwise.
         """
         self._writable()
-        if self._broken():
-            raise BrokenChannel(f"channel {self._name!r}: every reader is gone")
         deadline = deadline_after(check_timeout(timeout))
-        sent, total = _objects.send_many(
-            self._core, self._impl, self._name, objs, deadline, broken=self._broken_waiting
-        )
+        if (
+            self._backend == _remote.BACKEND
+        ):  # redis dispatch: core.send_many(objs, deadline) -> (sent, total)
+            sent, total = self._rc.send_many(objs, deadline)
+        else:
+            if self._broken():
+                raise BrokenChannel(f"channel {self._name!r}: every reader is gone")
+            sent, total = _objects.send_many(
+                self._core, self._impl, self._name, objs, deadline, broken=self._broken_waiting
+            )
         if sent < total:
             raise Full(
                 f"channel {self._name!r}: {sent} of {total} messages were sent before the deadline", sent=sent
@@ -334,6 +383,9 @@ class Channel:
         if self._closed or "w" not in self._mode:
             return
         self._mode = self._mode.replace("w", "")
+        if self._backend == _remote.BACKEND:  # redis dispatch: core.send_eof()
+            self._rc.send_eof()
+            return
         self._core.leave_role(WRITER)
 
     # -- receiving ----------------------------------------------------------------------
@@ -372,7 +424,10 @@ class Channel:
         """
         eof = self._readable()
         deadline = deadline_after(check_timeout(timeout))
-        items = _objects.receive_many(self._core, self._impl, self._name, max_items, deadline, eof)
+        if self._backend == _remote.BACKEND:  # redis dispatch: core.recv_many(max_items, deadline) -> list
+            items: list[Any] = self._rc.recv_many(max_items, deadline)
+        else:
+            items = _objects.receive_many(self._core, self._impl, self._name, max_items, deadline, eof)
         if not items:
             raise Empty(f"channel {self._name!r} stayed empty for {timeout:g} s")
         return items
@@ -397,11 +452,16 @@ class Channel:
             raise ClosedChannel(f"channel handle {self._name!r} is closed")
         if "r" not in self._mode:
             raise WrongMode(f"channel handle {self._name!r} has mode {self._mode!r}: it cannot receive")
+        if self._backend == _remote.BACKEND:  # redis dispatch: the core checks for the end itself
+            return None
         return None if "w" in self._mode else self._core.writers_gone
 
     def _recv(self, timeout: float | None, raw: bool) -> Any:
         eof = self._readable()
-        item = _objects.receive(self._core, self._impl, self._name, deadline_after(timeout), eof, raw)
+        if self._backend == _remote.BACKEND:  # redis dispatch: core.recv(deadline, raw) -> item or NOTHING
+            item = self._rc.recv(deadline_after(timeout), raw)
+        else:
+            item = _objects.receive(self._core, self._impl, self._name, deadline_after(timeout), eof, raw)
         if item is _objects.NOTHING:
             raise Empty(f"channel {self._name!r} stayed empty for {timeout:g} s")
         return item
@@ -409,6 +469,8 @@ class Channel:
     def _recv_or_nothing(self) -> Any:
         """One non-blocking receive for select(): the item or _objects.NOTHING."""
         eof = self._readable()
+        if self._backend == _remote.BACKEND:  # redis dispatch: one non-blocking core.recv
+            return self._rc.recv(deadline_after(0.0), False)
         return _objects.receive(self._core, self._impl, self._name, deadline_after(0.0), eof)
 
     def __iter__(self) -> Iterator[Any]:
@@ -431,6 +493,9 @@ class Channel:
         if self._closed:
             return
         self._closed = True
+        if self._backend == _remote.BACKEND:  # redis dispatch: core.close() ends the handle's leases
+            self._core.close()
+            return
         try:
             # Best effort: on a removed sysv channel the presence semaphores are gone,
             # and closing must still succeed (there is nobody left to tell).
@@ -455,6 +520,8 @@ class Channel:
     def __reduce__(self) -> tuple[Any, ...]:
         if self._closed:
             raise ClosedChannel(f"cannot pickle closed channel handle {self._name!r}")
+        if self._backend == _remote.BACKEND:  # redis dispatch: reopen by URL and name, same mode and lease
+            return (_reopen_remote, (self._rc.url, self._name, self._mode or "r", self._rc.lease))
         return (_reopen, (self._name, self._backend, self._mode or "r"))
 
     def __repr__(self) -> str:
@@ -475,3 +542,13 @@ def _check_mode(mode: str) -> None:
 
 def _reopen(name: str, backend: str, mode: str = "rw") -> Channel:
     return Channel.open(name, backend=backend, mode=mode)
+
+
+def _reopen_remote(url: str, name: str, mode: str, lease: float) -> Channel:
+    return Channel.open(name, backend=_remote.BACKEND, mode=mode, url=url, lease=lease)
+
+
+def _local_only(url: str | None, lease: float | None) -> None:
+    """Refuse the redis backend's options on a local backend."""
+    if url is not None or lease is not None:
+        raise ValueError("url and lease: only for backend='redis'")

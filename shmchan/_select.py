@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import _objects
+from . import _redis as _remote
 from ._core import WAIT_SLICE, ChannelCore, Waiter
 from ._errors import Empty, EndOfChannel
 from ._fence import deadline_after, remaining
@@ -88,6 +89,10 @@ def select(*sources: Any, timeout: float | None = None) -> tuple[Any, Any]:
 
     check_sources(sources)
     deadline = deadline_after(check_timeout(timeout))
+    if any(s.backend == _remote.BACKEND for s in sources):  # redis dispatch: select over redis sources
+        from ._redis._select import select as remote_select
+
+        return remote_select(sources, deadline)
     while True:
         found = try_each(sources, next_start())
         if found is not None:

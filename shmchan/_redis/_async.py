@@ -211,7 +211,7 @@ class _Gate:
             finished.set()
 
 
-async def sleep_on(srv: AsyncServer, keys: list[str], seconds: float = C.SLICE) -> Any:
+async def sleep_on(srv: AsyncServer, keys: list[str], seconds: float = C.ASYNC_SLICE) -> Any:
     """One shielded BLPOP slice on ``keys``; the popped ``[key, hint]`` or None. A
     cancellation is delivered after it, once a hint it took has been pushed back."""
     got = await srv.blpop(keys, seconds)

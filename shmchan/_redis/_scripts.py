@@ -91,6 +91,13 @@ local function hint(key, n)
   redis.call('LPUSH', key, unpack(t))
   redis.call('LTRIM', key, 0, TOKENS - 1)
 end
+-- an unnamed queue's keys expire when its last holder's lease does (a transit hold too)
+local function hold_keys()
+  local top = redis.call('ZRANGE', H, -1, -1, 'WITHSCORES')
+  if top[2] then
+    for _, k in ipairs(KEYS) do redis.call('PEXPIREAT', k, top[2]) end
+  end
+end
 local function enter(role, id, deadline)
   redis.call('ZADD', role, deadline, id)
   if role == W then
@@ -115,8 +122,7 @@ redis.call('XGROUP', 'CREATE', S, G, '0', 'MKSTREAM')
 local now, lease = now_ms(), tonumber(ARGV[6])
 if ARGV[7] ~= '' then
   redis.call('ZADD', H, now + lease, ARGV[7])
-  redis.call('PEXPIRE', M, lease)
-  touch(S, H)
+  hold_keys()
 end
 if ARGV[8] ~= '' then enter(W, ARGV[8], now + lease) end
 if ARGV[9] ~= '' then enter(R, ARGV[9], now + lease) end
@@ -139,8 +145,7 @@ if redis.call('PEXPIRETIME', M) > 0 then leased = 1 end
 if ARGV[3] ~= '' and leased == 1 then
   if ARGV[4] ~= '' then redis.call('ZREM', H, ARGV[4]) end
   redis.call('ZADD', H, now + lease, ARGV[3])
-  for _, k in ipairs(KEYS) do redis.call('PEXPIRE', k, lease, 'GT') end
-  touch(H)
+  hold_keys()
 end
 if ARGV[5] ~= '' then enter(W, ARGV[5], now + lease) end
 if ARGV[6] ~= '' then enter(R, ARGV[6], now + lease) end
@@ -347,7 +352,7 @@ local now, lease = now_ms(), tonumber(ARGV[1])
 local status = {OK}
 if ARGV[2] ~= '' then
   redis.call('ZADD', H, now + lease, ARGV[2])
-  for _, k in ipairs(KEYS) do redis.call('PEXPIRE', k, lease, 'GT') end
+  hold_keys()
 end
 if ARGV[3] ~= '' then
   if redis.call('ZSCORE', W, ARGV[3]) or redis.call('HGET', M, 'epoch') == ARGV[4] then
@@ -400,6 +405,7 @@ if ARGV[1] ~= '' then
     redis.call('DEL', unpack(KEYS))
     return 2
   end
+  hold_keys()
 end
 return 1
 """
@@ -411,9 +417,8 @@ TRANSIT: Final = (
 -- ARGV: transit id, ttl (ms): keeps an unnamed queue alive while a pickled handle travels
 if redis.call('EXISTS', M) == 0 then return {GONE} end
 if redis.call('PEXPIRETIME', M) > 0 then
-  local ttl = tonumber(ARGV[2])
-  redis.call('ZADD', H, now_ms() + ttl, ARGV[1])
-  for _, k in ipairs(KEYS) do redis.call('PEXPIRE', k, ttl, 'GT') end
+  redis.call('ZADD', H, now_ms() + tonumber(ARGV[2]), ARGV[1])
+  hold_keys()
 end
 return {OK}
 """

@@ -1,0 +1,58 @@
+"""What the redis tests' child processes run (importable, so that ``spawn`` and a
+ProcessPoolExecutor can pickle these functions and the queue handles they take)."""
+
+from __future__ import annotations
+
+from multiprocessing.connection import Connection
+from typing import Any
+
+import shmchan
+
+
+def produce(q: Any, producer: int, count: int, batch: int) -> int:
+    """Put ``(producer, seq)`` for seq in range(count), ``batch`` at a time."""
+    for start in range(0, count, batch):
+        q.put_many([(producer, seq) for seq in range(start, min(count, start + batch))])
+    q.close()
+    return count
+
+
+def consume(q: Any, batch: int, out: Connection) -> None:
+    """Take items (get_many(batch), or get() if batch is 0) until None; send them back."""
+    got: list[Any] = []
+    while True:
+        items = q.get_many(batch) if batch else [q.get()]
+        stop = False
+        for item in items:
+            if item is None:
+                stop = True
+            else:
+                got.append(item)
+        if stop:
+            break
+    q.close()
+    out.send(got)
+    out.close()
+
+
+def put_in_pool(q: Any, items: list[Any]) -> str:
+    """A ProcessPoolExecutor task: put ``items`` on a queue that came as an argument."""
+    for item in items:
+        q.put(item)
+    q.close()
+    return "ok"
+
+
+def open_by_name(name: str, url: str, item: Any) -> str:
+    """A ProcessPoolExecutor task: attach by name and URL, put one item."""
+    q = shmchan.Queue.open(name, backend="redis", url=url)
+    q.put(item)
+    q.close()
+    return "ok"
+
+
+def read_channel(ch: Any) -> list[Any]:
+    """Read a channel handle that came pickled, to the end of the stream."""
+    got = list(ch)
+    ch.close()
+    return got

@@ -10,8 +10,9 @@ while the server may be answering it:
 
 * every command runs in a shielded cancel scope, bounded by its own timeout (so a
   server that stops answering raises RemoteTimeout instead of hanging);
-* waiting is a BLPOP of at most one slice, shielded too; cancellation is delivered
-  at the checkpoint after it, and a wakeup hint it took is pushed back first;
+* waiting is a BLPOP of at most one slice, shielded too; a cancellation makes a
+  sibling task push onto a private list the BLPOP also watches, so it returns at once
+  (see :func:`sleep_on`), and a wakeup hint it took is pushed back first;
 * a command that took records returns them to the caller without any checkpoint in
   between, so a pending cancellation lands at the caller's next checkpoint, after
   the records are safely in the caller's hands.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
@@ -167,6 +169,9 @@ class AsyncServer:
     async def lpush(self, key: str | bytes) -> None:
         await self.call(C.REPLY_TIMEOUT, lambda: self.client.lpush(key, [b"1"]))
 
+    async def delete(self, key: str) -> None:
+        await self.call(C.REPLY_TIMEOUT, lambda: self.client.delete([key]))
+
 
 _servers: dict[tuple[str, int], AsyncServer] = {}
 
@@ -211,18 +216,44 @@ class _Gate:
             finished.set()
 
 
-async def sleep_on(srv: AsyncServer, keys: list[str], seconds: float = C.ASYNC_SLICE) -> Any:
-    """One shielded BLPOP slice on ``keys``; the popped ``[key, hint]`` or None. A
-    cancellation is delivered after it, once a hint it took has been pushed back."""
-    got = await srv.blpop(keys, seconds)
+async def sleep_on(srv: AsyncServer, keys: list[str], seconds: float = C.SLICE) -> Any:
+    """One BLPOP slice on ``keys``; the popped ``[key, hint]`` or None.
+
+    The BLPOP itself is shielded (never cancelled while the server may answer it). A
+    sibling task waits for the caller's cancellation; when it comes, it pushes onto a
+    private *wake* list that the BLPOP also watches, so the BLPOP returns at once and
+    the cancellation is delivered, after a hint the BLPOP took has been pushed back.
+    """
+    wake = f"{keys[0]}:wake:{os.urandom(6).hex()}"
+    state = {"finished": False, "pushed": False}
+    got: Any = None
+
+    async def watch() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            if not state["finished"]:
+                state["pushed"] = True
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await srv.script("wake", [wake], [C.ms(seconds + C.REPLY_TIMEOUT)])
+
     try:
-        await anyio.lowlevel.checkpoint()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            await anyio.lowlevel.checkpoint()  # let the watcher start
+            got = await srv.blpop([*keys, wake], seconds)
+            state["finished"] = True
+            tg.cancel_scope.cancel()
     except BaseException:
-        if got:
-            with contextlib.suppress(Exception):
-                await srv.lpush(got[0])
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            if got and got[0].decode() != wake:
+                await srv.lpush(got[0])  # a hint meant for somebody: give it back
         raise
-    return got
+    finally:
+        if state["pushed"] and not (got and got[0].decode() == wake):
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await srv.delete(wake)  # the wake came too late to be popped
+    return got if got and got[0].decode() != wake else None
 
 
 def gate(core: Any, key: str) -> _Gate:

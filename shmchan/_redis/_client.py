@@ -59,13 +59,10 @@ CONNECT_TIMEOUT: Final = 5.0
 """The longest a connection attempt may take (less if the caller's deadline is nearer)."""
 
 SLICE: Final = 0.5
-"""The longest a blocking command (BLPOP) of the sync face waits on the server at a
-time. Between slices a waiter re-checks: records to reclaim, the end of a stream, its
-deadline. (Ctrl-C interrupts a slice at once; the hint it may lose is only a hint.)"""
-
-ASYNC_SLICE: Final = 0.1
-"""The same for the async face, whose slices are shielded from cancellation: a
-cancelled wait returns within this time."""
+"""The longest a blocking command (BLPOP) waits on the server at a time. Between
+slices a waiter re-checks: records to reclaim, the end of a stream, its deadline.
+Ctrl-C interrupts a sync slice at once (the hint it may lose is only a hint); an
+async one is ended early by a push onto a private list (see _async.sleep_on)."""
 
 MIN_SERVER: Final = {"redis": (7, 0), "valkey": (7, 2)}
 """The oldest servers whose commands the scripts use (XAUTOCLAIM's 7.0 reply,

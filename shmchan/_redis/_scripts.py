@@ -431,6 +431,13 @@ redis.call('DEL', unpack(KEYS))
 return existed
 """
 
+WAKE: Final = """
+-- KEYS[1]: a waiting task's private wake list; ARGV[1]: ms it may live if nobody pops it
+redis.call('LPUSH', KEYS[1], '1')
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
 ALL: Final = {
     "create": CREATE,
     "attach": ATTACH,
@@ -444,6 +451,7 @@ ALL: Final = {
     "release": RELEASE,
     "transit": TRANSIT,
     "unlink": UNLINK,
+    "wake": WAKE,
 }
 """Every script by name."""
 

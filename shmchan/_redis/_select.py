@@ -103,7 +103,7 @@ async def aselect(sources: Sequence[Any]) -> tuple[Any, Any]:
         for url, members in groups.items():
             srv = await A.server(url)
             keys = [sources[i]._core.keys[2] for i in members]
-            slice_ = C.ASYNC_SLICE if len(groups) == 1 else MULTI_SERVER_SLICE
+            slice_ = C.SLICE if len(groups) == 1 else MULTI_SERVER_SLICE
             got = await A.sleep_on(srv, keys, slice_)
             if got:
                 start = members[keys.index(got[0].decode())]

@@ -133,9 +133,14 @@ class AsyncServer:
         self.stop.set()
 
     async def call(self, wait: float, command: Callable[[], Awaitable[Any]]) -> Any:
-        """Run ``command`` shielded from cancellation, for at most ``wait`` seconds."""
+        """Run ``command`` shielded from cancellation, for at most ``wait`` seconds, and
+        at most :data:`~shmchan._redis._client.REPLY_GRACE` past the deadline of the
+        caller's cancel scopes (a server that stops answering cannot hold a timeout up)."""
         if self.done:
             raise RemoteUnavailable(f"connection to redis server {C.redact(self.url)} was dropped")
+        deadline = anyio.current_effective_deadline()
+        if deadline != float("inf"):
+            wait = min(wait, max(0.0, deadline - anyio.current_time()) + C.REPLY_GRACE)
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(wait):
                 try:

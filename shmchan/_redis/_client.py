@@ -173,7 +173,6 @@ class Server:
         kwargs = redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
         self._class: Any = kwargs.pop("connection_class", redis.connection.Connection)
         kwargs.update(
-            socket_timeout=REPLY_TIMEOUT,
             socket_keepalive=True,
             retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
             client_name="shmchan",
@@ -199,8 +198,14 @@ class Server:
             except (redis.exceptions.ConnectionError, OSError):
                 pass
             conn.disconnect()  # the server closed it (or sent something unasked): replace it
+        # The connection attempt and its handshake (HELLO, AUTH, SELECT) are bounded by
+        # the caller's deadline too; so are later reads of a reply that started to arrive.
         left = CONNECT_TIMEOUT if deadline is None else max(0.0, deadline - time.monotonic()) + REPLY_GRACE
-        conn = self._class(**self._kwargs, socket_connect_timeout=min(CONNECT_TIMEOUT, left))
+        conn = self._class(
+            **self._kwargs,
+            socket_connect_timeout=min(CONNECT_TIMEOUT, left),
+            socket_timeout=min(REPLY_TIMEOUT, left),
+        )
         try:
             conn.connect()
             if self.version is None:

@@ -18,18 +18,19 @@ def produce(q: Any, producer: int, count: int, batch: int) -> int:
 
 
 def consume(q: Any, batch: int, out: Connection) -> None:
-    """Take items (get_many(batch), or get() if batch is 0) until None; send them back."""
+    """Take items (get_many(batch), or get() if batch is 0) until None; send them back.
+    A batch may hold the stops of other consumers too: those go back on the queue."""
     got: list[Any] = []
-    while True:
+    stops = 0
+    while not stops:
         items = q.get_many(batch) if batch else [q.get()]
-        stop = False
         for item in items:
             if item is None:
-                stop = True
+                stops += 1
             else:
                 got.append(item)
-        if stop:
-            break
+    if stops > 1:
+        q.put_many([None] * (stops - 1))
     q.close()
     out.send(got)
     out.close()

@@ -99,7 +99,6 @@ class RedisChannelCore(StreamCore):
 
     def _start(self) -> None:
         C.renewer.add(self)
-        C.on_fork(self)
 
     # -- the core protocol (sync) -------------------------------------------------------------
 

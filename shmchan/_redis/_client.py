@@ -18,13 +18,14 @@ consumer holds from being handed to others, on the server's clock.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import signal
 import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Final, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -137,29 +138,38 @@ def translate(exc: BaseException, url: str) -> BaseException:
     return exc
 
 
-@contextlib.contextmanager
-def no_interrupt() -> Iterator[None]:
+_raw_signal: Callable[[int, Any], Any] = getattr(importlib.import_module("_signal"), "signal", signal.signal)
+"""signal.signal without its enum conversions (a tenth of the cost, on every take)."""
+
+
+class no_interrupt:
     """Hold Ctrl-C back (on the main thread) while a command that takes records runs:
     the records are the caller's once the server has answered, and an interrupt
     between the server's work and the reply would lose them. The interrupt is
-    delivered right after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[tuple[int, Any]] = []
-    try:
-        old = signal.signal(signal.SIGINT, lambda signum, frame: caught.append((signum, frame)))
-    except ValueError:  # not the main interpreter
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
-        if caught:
-            if callable(old):
-                old(*caught[0])
-            elif old == signal.SIG_DFL:
+    delivered right after (to the handler that was in place)."""
+
+    __slots__ = ("caught", "old")
+
+    def __enter__(self) -> None:
+        self.old: Any = None
+        self.caught: tuple[int, Any] | None = None
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self.old = _raw_signal(signal.SIGINT, self._catch)
+            except ValueError:  # not the main interpreter
+                self.old = None
+
+    def _catch(self, signum: int, frame: Any) -> None:
+        self.caught = (signum, frame)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.old is None:
+            return
+        _raw_signal(signal.SIGINT, self.old)
+        if self.caught is not None:
+            if callable(self.old):
+                self.old(*self.caught)
+            elif self.old == signal.SIG_DFL:
                 signal.raise_signal(signal.SIGINT)
 
 
@@ -192,11 +202,8 @@ class Server:
                 self._pid = os.getpid()
             conn = self._idle.pop() if self._idle else None
         if conn is not None:
-            try:
-                if not conn.can_read(0):
-                    return conn
-            except (redis.exceptions.ConnectionError, OSError):
-                pass
+            if not _readable(conn, 0.0):
+                return conn
             conn.disconnect()  # the server closed it (or sent something unasked): replace it
         # The connection attempt and its handshake (HELLO, AUTH, SELECT) are bounded by
         # the caller's deadline too; so are later reads of a reply that started to arrive.
@@ -241,12 +248,61 @@ class Server:
         it; ``deadline`` bounds the connection attempt if one is needed."""
         conn = self._acquire(deadline)
         try:
-            conn.send_command(*args)
-            if not conn.can_read(timeout=wait):
+            conn.send_packed_command(_pack(conn, args), check_health=False)
+            if not _readable(conn, wait):
                 raise RemoteTimeout(f"redis server {redact(self.url)} did not answer within {wait:.3g} s")
             reply = conn.read_response()
         except redis.exceptions.ResponseError as exc:
             self._release(conn)  # an error reply leaves the connection in order
+            raise translate(exc, self.url) from exc
+        except BaseException as exc:
+            conn.disconnect()
+            raise translate(exc, self.url) from exc
+        self._release(conn)
+        return reply
+
+    def take_or_wait(self, keys: list[str], args: list[Any], seconds: float, deadline: float | None) -> Any:
+        """TAKE, with a BLPOP pipelined behind it in the same round trip: the TAKE
+        script pushes the caller's wake list (``keys[8]``) when it has an answer, and
+        the BLPOP (wake list first, then the items hints) then returns at once;
+        otherwise the BLPOP sleeps until a hint or ``seconds``. Returns the TAKE reply
+        (after the BLPOP's, when it was empty). One round trip per record taken, two
+        per record waited for, instead of three."""
+        conn = self._acquire(deadline)
+        pending = 0
+        try:
+            with no_interrupt():
+                take = ("EVALSHA", L.SHA["take"], len(keys), *keys, *args)
+                blpop = ("BLPOP", keys[8], keys[2], f"{seconds:.3f}")
+                conn.send_packed_command(_pack(conn, take) + _pack(conn, blpop), check_health=False)
+                pending = 2
+                if not _readable(conn, reply_wait(deadline)):
+                    raise RemoteTimeout(f"redis server {redact(self.url)} did not answer in time")
+                try:
+                    reply = conn.read_response()
+                finally:
+                    pending = 1
+                if reply[0] in (L.OK, L.EOF):  # the wake list was pushed: the BLPOP returns at once
+                    if not _readable(conn, reply_wait(deadline)):
+                        raise RemoteTimeout(f"redis server {redact(self.url)} did not answer in time")
+                    conn.read_response()
+                    pending = 0
+                elif reply[0] != 0:  # an error status: drop the connection and its pending BLPOP
+                    conn.disconnect()
+                    return reply
+            if pending:
+                if not _readable(conn, reply_wait(deadline, seconds)):
+                    raise RemoteTimeout(f"redis server {redact(self.url)} did not answer in time")
+                conn.read_response()
+                pending = 0
+        except redis.exceptions.ResponseError as exc:
+            if pending:  # the BLPOP's reply is still due: the connection is out of step
+                conn.disconnect()
+            else:
+                self._release(conn)
+            if isinstance(exc, redis.exceptions.NoScriptError):
+                self.call(REPLY_TIMEOUT, "SCRIPT", "LOAD", L.ALL["take"], deadline=deadline)
+                return [0]  # nothing taken: the caller tries again
             raise translate(exc, self.url) from exc
         except BaseException as exc:
             conn.disconnect()
@@ -264,6 +320,35 @@ class Server:
                 raise
         self.call(wait, "SCRIPT", "LOAD", L.ALL[name], deadline=deadline)
         return self.call(wait, "EVALSHA", L.SHA[name], len(keys), *keys, *args, deadline=deadline)
+
+
+def _pack(conn: Any, args: tuple[Any, ...]) -> Any:
+    """The command as bytes: hiredis packs bytes, str and int arguments in one C call;
+    anything else (memoryviews of large payloads) goes through redis-py, which sends
+    them without copying."""
+    if _hiredis_pack is not None:
+        try:
+            return [_hiredis_pack(args)]
+        except TypeError:
+            pass
+    return conn.pack_command(*args)
+
+
+def _readable(conn: Any, timeout: float) -> bool:
+    """Whether ``conn`` has something to read within ``timeout`` seconds: a reply already
+    in its parser's buffer, data on its socket, or the server's EOF (the read that
+    follows reports that). redis-py checks its buffer, then polls the socket."""
+    try:
+        return bool(conn.can_read(timeout=timeout))
+    except (redis.exceptions.ConnectionError, OSError):
+        return True
+
+
+_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # redis-py packs in Python then
+    _hiredis_pack = None
 
 
 _servers: dict[str, Server] = {}
@@ -355,12 +440,15 @@ renewer = Renewer()
 
 # -- fork ---------------------------------------------------------------------------------
 
+FORK_BUDGET: Final = 1.0
+"""The most seconds ``os.fork()`` may spend registering leases for the child."""
+
 _fork_hooks: weakref.WeakSet[Any] = weakref.WeakSet()
 """Cores that must act around ``os.fork()`` (see :func:`_before_fork`)."""
 
 
 class ForkAware(Protocol):
-    def before_fork(self) -> None: ...
+    def before_fork(self, deadline: float) -> None: ...
 
     def after_fork_in_child(self) -> None: ...
 
@@ -371,12 +459,14 @@ def on_fork(core: ForkAware) -> None:
 
 def _before_fork() -> None:
     # A forked child inherits handles that hold leases under the parent's ids. Each
-    # core leaves the child a short-lived lease of its own first (so the parent can
-    # close its handle before the child has renewed anything), then the child takes
-    # ids of its own (after_fork_in_child).
+    # core registers leases for the child under ids of its own first (so the parent
+    # may close its handle before the child has renewed anything); the child adopts
+    # them (after_fork_in_child). With the server unreachable this gives up after
+    # FORK_BUDGET seconds in all, and the child registers at its first renewal.
+    deadline = time.monotonic() + FORK_BUDGET
     for core in list(_fork_hooks):
         with contextlib.suppress(Exception):
-            core.before_fork()
+            core.before_fork(deadline)
 
 
 def _after_fork_in_child() -> None:

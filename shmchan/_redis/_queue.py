@@ -196,7 +196,6 @@ class RedisQueueCore(StreamCore):
             self.renew_every = min(self.lease, self.redeliver_after) / 3
         if self.holder or self.hold:
             C.renewer.add(self)
-            C.on_fork(self)
 
     # -- the core protocol (sync) -------------------------------------------------------------
 

@@ -206,12 +206,21 @@ return room
 TAKE: Final = (
     _PRELUDE
     + f"""
--- ARGV: consumer, count, hold (1: leave in the pending list until task_done), eof check (1/0)
+-- ARGV: consumer, count, hold (1: deliver through the group and leave the records in its
+--       pending list until task_done; 0: take the oldest and delete them), eof check (1/0)
+-- KEYS[9] (optional): the caller's wake list, pushed when this call has an answer (records
+--       or the end of the stream), so that a BLPOP pipelined behind it returns at once
 -- reply: {{status, id, type, payload, id, type, payload, ...}}
 if redis.call('EXISTS', M) == 0 then return {{{GONE}}} end
 local meta = redis.call('HMGET', M, 'kind', 'maxsize', 'cap', 'redeliver')
 local maxsize, cap, redeliver = num(meta[2]), num(meta[3]), num(meta[4])
 local count = tonumber(ARGV[2])
+local function answered()
+  if KEYS[9] then
+    redis.call('LPUSH', KEYS[9], '1')
+    redis.call('PEXPIRE', KEYS[9], 10000)
+  end
+end
 local out, ids, fresh, freed = {{{OK}}}, {{}}, 0, 0
 local function add(entry, is_fresh)
   local f, t, p = entry[2], nil, nil
@@ -247,7 +256,10 @@ if redeliver > 0 then
     end
   end
 end
-if #ids < count then
+if ARGV[3] ~= '1' then
+  -- taken for good: the oldest records, deleted below (the group is not needed)
+  for _, e in ipairs(redis.call('XRANGE', S, '-', '+', 'COUNT', count)) do add(e, true) end
+elseif #ids < count then
   local r = redis.call('XREADGROUP', 'GROUP', G, ARGV[1], 'COUNT', count - #ids, 'STREAMS', S, '>')
   if r then
     for _, e in ipairs(r[1][2]) do add(e, true) end
@@ -263,20 +275,19 @@ if #ids == 0 then
         redis.call('HSET', M, 'eof', 1)
         redis.call('HINCRBY', M, 'epoch', 1)  -- fences writers whose lease lapsed
       end
+      answered()
       return {{{EOF}}}
     end
   end
   return {{0}}
 end
-if ARGV[3] ~= '1' then
-  redis.call('XACK', S, G, unpack(ids))
-  redis.call('XDEL', S, unpack(ids))
-end
+if ARGV[3] ~= '1' then redis.call('XDEL', S, unpack(ids)) end
 if cap > 0 and freed > 0 then redis.call('HINCRBY', M, 'b', -freed) end
 if (maxsize > 0 or cap > 0) and fresh > 0 then
   hint(SPACE, fresh)
   touch(SPACE)
 end
+answered()
 return out
 """
 )

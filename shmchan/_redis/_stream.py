@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import pickle
 import threading
 import time
@@ -120,18 +121,17 @@ def records_of(reply: list[Any]) -> list[Record]:
 
 
 def chunks(out: Sequence[Outgoing], start: int) -> tuple[int, list[Any]]:
-    """How many records from ``start`` one PUT carries, and their flattened arguments."""
-    args: list[Any] = []
+    """How many records from ``start`` one PUT carries, and their flattened arguments.
+    (Payloads are bytes, bytearrays or flat byte memoryviews: len() is their size.)"""
+    stop = min(len(out), start + MAX_BATCH_ITEMS)
     size = 0
     end = start
-    while end < len(out) and end - start < MAX_BATCH_ITEMS:
-        rtype, payload = out[end]
-        n = len(payload) if isinstance(payload, bytes | bytearray) else memoryview(payload).nbytes
-        if end > start and size + n > MAX_BATCH_BYTES:
+    for _, payload in itertools.islice(out, start, stop):
+        size += len(payload)
+        if size > MAX_BATCH_BYTES and end > start:
             break
-        args += (rtype, payload)
-        size += n
         end += 1
+    args = [x for record in itertools.islice(out, start, end) for x in record]
     return end - start, args
 
 
@@ -156,6 +156,7 @@ class StreamCore:
         self.url = url
         self.name = name
         self.keys = L.keys(name)
+        self.wake_keys = [*self.keys, f"{self.keys[2]}:wake:{C.new_id()}"]  # see Server.take_or_wait
         self.server = C.server(url)
         self.lease = lease
         self.prefetch = prefetch
@@ -171,7 +172,7 @@ class StreamCore:
         self._held: collections.deque[bytes] = collections.deque()  # handed out, not yet done
         self._lock = threading.Lock()
         self.renew_every = lease / 3
-        self._async: Any = None  # the async side, made on first use (_async.AsyncSide)
+        C.on_fork(self)
 
     # -- scripts --------------------------------------------------------------------------
 
@@ -205,6 +206,9 @@ class StreamCore:
         return [self.writer, self.epoch, C.ms(self.lease), "1" if self.reader or not self.writer else "0"]
 
     def take_args(self, count: int, eof: bool) -> list[Any]:
+        """TAKE's arguments: up to ``count`` records (or ``prefetch``, if more; at most
+        MAX_BATCH_ITEMS in one script)."""
+        count = min(max(count, self.prefetch), MAX_BATCH_ITEMS)
         return [self.consumer, count, "1" if self.hold else "0", "1" if eof else "0"]
 
     # -- putting (sync) ---------------------------------------------------------------------
@@ -239,8 +243,15 @@ class StreamCore:
             if self._buffer:
                 return self._from_buffer(count)
         while True:
-            with C.no_interrupt():
-                reply = self.script("take", self.take_args(max(count, self.prefetch), eof), deadline)
+            left = _remaining(deadline)
+            if left is not None and left < 0.001:
+                with C.no_interrupt():
+                    reply = self.script("take", self.take_args(count, eof), deadline)
+            else:
+                seconds = C.SLICE if left is None else min(left, C.SLICE)
+                reply = self.server.take_or_wait(
+                    self.wake_keys, self.take_args(count, eof), seconds, deadline
+                )
             status = reply[0]
             if status == L.OK:
                 with self._lock:
@@ -248,10 +259,8 @@ class StreamCore:
                     return self._from_buffer(count)
             if status != 0:
                 self.check(status)
-            left = _remaining(deadline)
-            if left == 0.0:
+            if left is not None and left < 0.001:
                 return []
-            self.wait(L.KEY_SUFFIXES.index("items"), left, deadline)
 
     def _from_buffer(self, count: int) -> list[Record]:
         n = min(count, len(self._buffer))
@@ -299,7 +308,7 @@ class StreamCore:
                 return self._from_buffer(count)
         srv = await A.server(self.url)
         while True:
-            reply = await srv.script("take", self.keys, self.take_args(max(count, self.prefetch), eof))
+            reply = await srv.script("take", self.keys, self.take_args(count, eof))
             status = reply[0]
             if status == L.OK:
                 with self._lock:
@@ -317,7 +326,7 @@ class StreamCore:
             if self._buffer:
                 return self._from_buffer(1)
         srv = await A.server(self.url)
-        reply = await srv.script("take", self.keys, self.take_args(max(1, self.prefetch), eof))
+        reply = await srv.script("take", self.keys, self.take_args(1, eof))
         if reply[0] == L.OK:
             with self._lock:
                 self._buffer.extend(records_of(reply))
@@ -343,25 +352,25 @@ class StreamCore:
             if status == L.FENCED:
                 self.fenced = True
 
-    def before_fork(self) -> None:
+    def before_fork(self, deadline: float) -> None:
         """Register leases for a forked child under ids of its own (it adopts them in
         :meth:`after_fork_in_child`), so that the parent may close its handle at once
         without ending the stream or deleting the queue under the child. A child that
         never uses them (or execs) lets them run out, like a process that died."""
         self._fork_ids: dict[str, str] | None = None
-        if self.closed or not (self.holder or self.writer or self.reader):
+        if self.closed or not (self.holder or self.writer or self.reader) or time.monotonic() >= deadline:
             return
         ids = {role: getattr(self, role) and C.new_id() for role in ("holder", "writer", "reader")}
         args = [C.ms(self.lease), ids["holder"], ids["writer"], self.epoch, ids["reader"], self.consumer]
         with contextlib.suppress(ShmchanError, OSError):
-            self.script("renew", args, time.monotonic() + 1.0)
+            self.script("renew", args, deadline)
         self._fork_ids = ids
 
     def after_fork_in_child(self) -> None:
         """Adopt the ids :meth:`before_fork` registered (or fresh ones): closing here
         never ends the parent's leases."""
         self._lock = threading.Lock()
-        self._async = None
+        self.__dict__.pop("_gates", None)  # the parent's event loops are not the child's
         if self.closed:
             return
         ids = getattr(self, "_fork_ids", None) or {

@@ -57,3 +57,15 @@ def read_channel(ch: Any) -> list[Any]:
     got = list(ch)
     ch.close()
     return got
+
+
+def outlive_the_parent(q: Any, ready: Any, go: Any) -> None:
+    """A forked child: use an inherited queue handle after the parent closed its own."""
+    q.put("before")
+    ready.set()
+    if not go.wait(30):
+        raise SystemExit(2)
+    q.put("after")
+    got = [q.get(timeout=5), q.get(timeout=5)]
+    q.close()
+    raise SystemExit(0 if got == ["before", "after"] else 1)

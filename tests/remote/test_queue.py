@@ -231,6 +231,28 @@ def test_unnamed_queue_expires_once_every_holder_is_killed(redis_server: RedisSe
     assert wait_no_keys(redis_server, 5.0) == [], "the queue outlived every holder"
 
 
+def test_forked_child_keeps_an_unnamed_queue(redis_server: RedisServer) -> None:
+    """A handle inherited through fork holds the queue under leases of its own: the
+    parent may close first, the child goes on, and its close deletes the queue."""
+    fork = mp.get_context("fork")
+    q: Queue[str] = Queue(backend="redis", url=redis_server.url, lease=1.0)
+    ready, go = fork.Event(), fork.Event()
+    p = fork.Process(target=children.outlive_the_parent, args=(q, ready, go))
+    p.start()
+    try:
+        assert ready.wait(30)
+        q.close()  # the parent's hold ends; the child's remains
+        assert keys_on(redis_server)
+        go.set()
+        p.join(30)
+        assert p.exitcode == 0
+    finally:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert wait_no_keys(redis_server, 5.0) == []
+
+
 def test_joinable_queue(url: str) -> None:
     q: JoinableQueue[int] = JoinableQueue(backend="redis", url=url)
     q.put(1)

@@ -34,6 +34,7 @@ from .._errors import (
     BrokenChannel,
     ChannelNotFound,
     EndOfChannel,
+    MessageTooLarge,
     NotAShmchanSegment,
     ShmchanError,
     UndecodableBatch,
@@ -62,17 +63,27 @@ MAX_PAYLOAD: Final = (512 << 20) - 4096
 def encode_record(obj: Any, raw: bool) -> Outgoing:
     """``obj`` as a record; ``raw``: a bytes-like object sent as a BYTES record.
     Raises whatever pickling raises (TypeError for ``raw`` data without the buffer
-    protocol); nothing has been sent then."""
+    protocol), or MessageTooLarge beyond what a server accepts; nothing has been sent
+    then."""
     if raw:
-        return _RTYPE[LT.RT_BYTES], as_byte_view(obj)
-    if type(obj) is bytes:
-        return _RTYPE[LT.RT_BYTES], obj
-    enc = encode(obj)
-    if enc.payload is not None:
-        return _RTYPE[enc.rtype], enc.payload
-    frame = bytearray(enc.n)  # pickle plus out-of-band buffers, framed as on the ring
-    write_into(enc, memoryview(frame))
-    return _RTYPE[enc.rtype], frame
+        out: Outgoing = (_RTYPE[LT.RT_BYTES], as_byte_view(obj))
+    elif type(obj) is bytes:
+        out = (_RTYPE[LT.RT_BYTES], obj)
+    else:
+        enc = encode(obj)
+        if enc.payload is None:
+            frame = bytearray(enc.n)  # pickle plus out-of-band buffers, framed as on the ring
+            write_into(enc, memoryview(frame))
+            out = (_RTYPE[enc.rtype], frame)
+        elif isinstance(enc.payload.obj, bytes) and enc.payload.nbytes == len(enc.payload.obj):
+            out = (_RTYPE[enc.rtype], enc.payload.obj)  # the pickle itself: hiredis packs bytes
+        else:
+            out = (_RTYPE[enc.rtype], enc.payload)
+    if len(out[1]) > MAX_PAYLOAD:
+        raise MessageTooLarge(
+            f"a message of {len(out[1])} bytes exceeds what a redis server accepts ({MAX_PAYLOAD} bytes)"
+        )
+    return out
 
 
 def _no_side(seq: int) -> memoryview:

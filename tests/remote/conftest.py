@@ -1,6 +1,7 @@
 """A real redis-server for the redis backend's tests: nothing is mocked.
 
-The session's server runs on a free port of 127.0.0.1, in a temporary directory, with
+The session's server (``$SHMCHAN_REDIS_SERVER``, else redis-server or valkey-server
+from PATH) runs on a free port of 127.0.0.1, in a temporary directory, with
 persistence off, and is shut down at the end. Without ``redis-server`` on PATH these
 tests are skipped with the reason, unless ``SHMCHAN_REQUIRE_REDIS=1`` (which CI sets)
 turns that into a failure. The autouse ``no_keys_left`` fixture fails any test that
@@ -23,7 +24,11 @@ from typing import Any
 import pytest
 
 REQUIRE = os.environ.get("SHMCHAN_REQUIRE_REDIS") == "1"
-BINARY = shutil.which("redis-server") or shutil.which("valkey-server")
+BINARY = (
+    os.environ.get("SHMCHAN_REDIS_SERVER") or shutil.which("redis-server") or shutil.which("valkey-server")
+)
+"""The server the tests start: $SHMCHAN_REDIS_SERVER (say, a valkey-server), else the
+first of redis-server and valkey-server on PATH."""
 
 
 def free_port() -> int:

@@ -52,6 +52,17 @@ def test_round_trip_through_the_codec(url: str) -> None:
     q.close()
 
 
+def test_large_messages(url: str) -> None:
+    q: Queue[Any] = Queue(backend="redis", url=url)
+    arr = np.random.default_rng(1).random(2 << 20)  # 16 MiB, out of band
+    blob = bytes(range(256)) * (40 << 10)  # 10 MiB of bytes
+    q.put(arr)
+    q.put_many([blob, "small", blob])
+    np.testing.assert_array_equal(q.get(timeout=10), arr)
+    assert q.get_many(10, timeout=10) == [blob, "small", blob]
+    q.close()
+
+
 def test_timeouts_and_non_blocking(url: str) -> None:
     q: Queue[int] = Queue(1, backend="redis", url=url)
     with pytest.raises(shmchan.Empty):

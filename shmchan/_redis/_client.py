@@ -261,13 +261,21 @@ class Server:
         self._release(conn)
         return reply
 
-    def take_or_wait(self, keys: list[str], args: list[Any], seconds: float, deadline: float | None) -> Any:
+    def take_or_wait(
+        self,
+        keys: list[str],
+        args: list[Any],
+        seconds: float,
+        deadline: float | None,
+        keep: Callable[[list[Any]], None],
+    ) -> Any:
         """TAKE, with a BLPOP pipelined behind it in the same round trip: the TAKE
         script pushes the caller's wake list (``keys[8]``) when it has an answer, and
         the BLPOP (wake list first, then the items hints) then returns at once;
         otherwise the BLPOP sleeps until a hint or ``seconds``. Returns the TAKE reply
         (after the BLPOP's, when it was empty). One round trip per record taken, two
-        per record waited for, instead of three."""
+        per record waited for, instead of three. ``keep(reply)`` runs as soon as the
+        TAKE reply is read, before a held-back Ctrl-C can be raised."""
         conn = self._acquire(deadline)
         pending = 0
         try:
@@ -282,6 +290,7 @@ class Server:
                     reply = conn.read_response()
                 finally:
                     pending = 1
+                keep(reply)
                 if reply[0] in (L.OK, L.EOF):  # the wake list was pushed: the BLPOP returns at once
                     if not _readable(conn, reply_wait(deadline)):
                         raise RemoteTimeout(f"redis server {redact(self.url)} did not answer in time")

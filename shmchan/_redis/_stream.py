@@ -256,22 +256,27 @@ class StreamCore:
         while True:
             left = _remaining(deadline)
             if left is not None and left < 0.001:
-                with C.no_interrupt():
+                with C.no_interrupt():  # an interrupt is raised once the records are kept
                     reply = self.script("take", self.take_args(count, eof), deadline)
+                    self._keep(reply)
             else:
                 seconds = C.SLICE if left is None else min(left, C.SLICE)
-                reply = self.server.take_or_wait(
-                    self.wake_keys, self.take_args(count, eof), seconds, deadline
-                )
+                args = self.take_args(count, eof)
+                reply = self.server.take_or_wait(self.wake_keys, args, seconds, deadline, self._keep)
             status = reply[0]
             if status == L.OK:
                 with self._lock:
-                    self._buffer.extend(records_of(reply))
                     return self._from_buffer(count)
             if status != 0:
                 self.check(status)
             if left is not None and left < 0.001:
                 return []
+
+    def _keep(self, reply: list[Any]) -> None:
+        """Put the records of a TAKE reply in the buffer (before anything can interrupt)."""
+        if reply[0] == L.OK:
+            with self._lock:
+                self._buffer.extend(records_of(reply))
 
     def _from_buffer(self, count: int) -> list[Record]:
         n = min(count, len(self._buffer))

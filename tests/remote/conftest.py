@@ -135,6 +135,17 @@ class RedisServer:
         os.kill(self.proc.pid, signal.SIGCONT)
 
 
+def wait_blocked_client(server: RedisServer, timeout: float = 10.0) -> None:
+    """Wait (polling the server's CLIENT LIST, bounded) until some client is blocked in
+    a command such as BLPOP: a consumer has reached its wait."""
+    deadline = time.monotonic() + timeout
+    with server.client() as c:
+        while not any("b" in client.get("flags", "") for client in c.client_list()):
+            if time.monotonic() > deadline:
+                pytest.fail("no client blocked on the server")
+            time.sleep(0.01)
+
+
 def keys_on(server: RedisServer) -> list[bytes]:
     with server.client() as c:
         return sorted(c.scan_iter(count=1000))

@@ -15,7 +15,7 @@ import pytest
 import shmchan
 from shmchan import Channel, JoinableQueue, Queue
 
-from .conftest import unique
+from .conftest import RedisServer, unique, wait_blocked_client
 
 pytestmark = pytest.mark.anyio
 
@@ -156,7 +156,8 @@ async def test_channel_as_an_anyio_stream(url: str) -> None:
     Channel.remove(name, backend="redis", url=url)
 
 
-async def test_aselect_takes_exactly_one(url: str) -> None:
+async def test_aselect_takes_exactly_one(redis_server: RedisServer) -> None:
+    url = redis_server.url
     qs: list[Queue[Any]] = [Queue(backend="redis", url=url) for _ in range(3)]
     for i, q in enumerate(qs):
         q.put_many([f"{i}a", f"{i}b"])
@@ -175,7 +176,7 @@ async def test_aselect_takes_exactly_one(url: str) -> None:
             results.append(await shmchan.aselect(*qs))
 
         tg.start_soon(pick)
-        await anyio.sleep(0.01)
+        await anyio.to_thread.run_sync(wait_blocked_client, redis_server)  # it waits in BLPOP
         qs[1].put("late")
     assert results == [(qs[1], "late")]
     assert all(q.qsize() == 0 for q in qs)

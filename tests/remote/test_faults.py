@@ -5,6 +5,8 @@ timeout (plus a short grace) while the server is unreachable."""
 from __future__ import annotations
 
 import contextlib
+import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +22,7 @@ import shmchan
 from shmchan import Channel, Queue
 from shmchan._redis._client import REPLY_GRACE
 
-from .conftest import RedisServer, free_port, need_binary, unique
+from .conftest import RedisServer, free_port, need_binary, unique, wait_blocked_client
 
 SLACK = 1.0  # scheduling noise on a loaded 2-core machine
 
@@ -97,6 +99,34 @@ def test_wrong_credentials_async(tmp_path: Path) -> None:
         server.stop()
 
 
+def test_ctrl_c_interrupts_a_blocked_get_and_takes_nothing(redis_server: RedisServer) -> None:
+    from helpers.children import child
+
+    q: Queue[str] = Queue(backend="redis", url=redis_server.url)
+    code = """
+        import pickle, sys
+        q = pickle.loads(bytes.fromhex(blob))
+        print("waiting", flush=True)
+        try:
+            q.get()
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+        sys.stdin.readline()
+        print("got", q.get(timeout=10), flush=True)
+        q.close()
+    """
+    with child(code, blob=pickle.dumps(q).hex()) as c:
+        c.expect("waiting")
+        wait_blocked_client(redis_server)  # its BLPOP
+        c.signal(signal.SIGINT)
+        c.expect("interrupted")
+        q.put("after")
+        c.tell("go")
+        assert c.expect("got") == "got after"
+        assert c.finish(10) == 0
+    q.close()
+
+
 def test_server_dies_during_a_blocking_get(own_server: RedisServer) -> None:
     q: Queue[int] = Queue(backend="redis", url=own_server.url)
     errors: list[BaseException] = []
@@ -112,7 +142,7 @@ def test_server_dies_during_a_blocking_get(own_server: RedisServer) -> None:
     t = threading.Thread(target=consume)
     t.start()
     assert waiting.wait(5)
-    time.sleep(0.1)  # let it reach its BLPOP (a guess; if it is earlier, it fails to connect instead)
+    wait_blocked_client(own_server)  # its BLPOP
     own_server.kill()
     t.join(5)
     assert not t.is_alive()

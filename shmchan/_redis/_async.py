@@ -171,11 +171,34 @@ class AsyncServer:
         """BLPOP for at most ``seconds`` (shielded; bounded by the reply timeout)."""
         return await self.call(seconds + C.REPLY_TIMEOUT, lambda: self.client.blpop(keys, seconds))
 
+    async def take_and_blpop(self, take: Take, wake: str, keys: list[str], seconds: float) -> Any:
+        """TAKE then BLPOP ``[wake, *keys]`` in one round trip (see :func:`sleep_on`);
+        ``(take reply, blpop reply)``. A server that forgot the script gets it again,
+        and the take counts as having found nothing."""
+        import coredis.exceptions as E
+
+        take_keys, args = [*take[0], wake], [_bytes(a) for a in take[1]]
+
+        async def both() -> tuple[Any, Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                first = pipe.evalsha(L.SHA["take"], take_keys, args)
+                second = pipe.blpop([wake, *keys], seconds)
+            return await first, await second
+
+        try:
+            result: tuple[Any, Any] = await self.call(seconds + C.REPLY_TIMEOUT, both)
+            return result
+        except RemoteError as exc:
+            if not isinstance(exc.__cause__, E.NoScriptError):
+                raise
+        await self.call(C.REPLY_TIMEOUT, lambda: self.client.script_load(L.ALL["take"]))
+        return [0], None
+
     async def lpush(self, key: str | bytes) -> None:
-        await self.call(C.REPLY_TIMEOUT, lambda: self.client.lpush(key, [b"1"]))
+        await self.call(C.REPLY_GRACE, lambda: self.client.lpush(key, [b"1"]))
 
     async def delete(self, key: str) -> None:
-        await self.call(C.REPLY_TIMEOUT, lambda: self.client.delete([key]))
+        await self.call(C.REPLY_GRACE, lambda: self.client.delete([key]))
 
 
 _servers: dict[tuple[str, int], AsyncServer] = {}
@@ -201,33 +224,46 @@ async def server(url: str) -> AsyncServer:
 
 
 class _Gate:
-    """The tasks of one event loop waiting on one hint list of one handle."""
+    """The tasks of one event loop waiting on one hint list of one handle: one of them
+    (the leader) waits on the server, the others until its wait ends."""
 
     def __init__(self) -> None:
         self.leader = False
         self.round = anyio.Event()
 
-    async def wait(self, srv: AsyncServer, key: str) -> None:
-        """Return after a hint or one slice (a follower: when the leader's slice ends)."""
+    async def wait(self, srv: AsyncServer, keys: list[str], take: Take | None = None) -> None:
+        """Return after a hint or one slice (a follower: when the leader's wait ends).
+        The leader's wait may take records for the handle first (see :func:`sleep_on`)."""
         if self.leader:
             await self.round.wait()
             return
         self.leader = True
         try:
-            await sleep_on(srv, [key])
+            await sleep_on(srv, keys, take=take)
         finally:
             self.leader = False
             finished, self.round = self.round, anyio.Event()
             finished.set()
 
 
-async def sleep_on(srv: AsyncServer, keys: list[str], seconds: float = C.SLICE) -> Any:
+Take = tuple[list[str], list[Any], Callable[[list[Any]], None]]
+"""A TAKE to pipeline before a wait: its keys (without the wake list), its arguments,
+and what to do with its reply (keep the records) as soon as it arrives."""
+
+
+async def sleep_on(
+    srv: AsyncServer, keys: list[str], seconds: float = C.SLICE, take: Take | None = None
+) -> Any:
     """One BLPOP slice on ``keys``; the popped ``[key, hint]`` or None.
 
-    The BLPOP itself is shielded (never cancelled while the server may answer it). A
-    sibling task waits for the caller's cancellation; when it comes, it pushes onto a
-    private *wake* list that the BLPOP also watches, so the BLPOP returns at once and
-    the cancellation is delivered, after a hint the BLPOP took has been pushed back.
+    The BLPOP is shielded (never cancelled while the server may answer it). A sibling
+    task waits for the caller's cancellation; when it comes, it pushes onto a private
+    *wake* list that the BLPOP also watches, so the BLPOP returns at once and the
+    cancellation is delivered, after a hint the BLPOP took has been pushed back.
+
+    With ``take``, a TAKE script goes first in the same round trip (a pipeline): it
+    pushes the wake list when it has an answer, so the BLPOP then returns at once too;
+    its reply is handed to ``take``'s callback before anything else can happen.
     """
     wake = f"{keys[0]}:wake:{os.urandom(6).hex()}"
     state = {"finished": False, "pushed": False}
@@ -240,24 +276,36 @@ async def sleep_on(srv: AsyncServer, keys: list[str], seconds: float = C.SLICE) 
             if not state["finished"]:
                 state["pushed"] = True
                 with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                    await srv.script("wake", [wake], [C.ms(seconds + C.REPLY_TIMEOUT)])
+                    # bounded by the grace: a server that does not answer this cannot
+                    # answer the BLPOP either, which gives up on its own
+                    await srv.script("wake", [wake], [C.ms(seconds + C.REPLY_TIMEOUT)], C.REPLY_GRACE)
 
+    failed: Exception | None = None
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch)
             await anyio.lowlevel.checkpoint()  # let the watcher start
-            got = await srv.blpop([*keys, wake], seconds)
+            try:
+                if take is None:
+                    got = await srv.blpop([wake, *keys], seconds)
+                else:
+                    reply, got = await srv.take_and_blpop(take, wake, keys, seconds)
+                    take[2](reply)
+            except Exception as exc:  # noqa: BLE001 - raised below, not wrapped in an ExceptionGroup
+                failed = exc
             state["finished"] = True
             tg.cancel_scope.cancel()
+        if failed is not None:
+            raise failed
     except BaseException:
         with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
             if got and got[0].decode() != wake:
                 await srv.lpush(got[0])  # a hint meant for somebody: give it back
         raise
     finally:
-        if state["pushed"] and not (got and got[0].decode() == wake):
+        if state["pushed"]:
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                await srv.delete(wake)  # the wake came too late to be popped
+                await srv.delete(wake)  # a wake that came too late to be popped
     return got if got and got[0].decode() != wake else None
 
 

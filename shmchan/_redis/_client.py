@@ -291,14 +291,11 @@ class Server:
                 finally:
                     pending = 1
                 keep(reply)
-                if reply[0] in (L.OK, L.EOF):  # the wake list was pushed: the BLPOP returns at once
+                if reply[0] != 0:  # an answer: the wake list was pushed and the BLPOP returns at once
                     if not _readable(conn, reply_wait(deadline)):
                         raise RemoteTimeout(f"redis server {redact(self.url)} did not answer in time")
                     conn.read_response()
                     pending = 0
-                elif reply[0] != 0:  # an error status: drop the connection and its pending BLPOP
-                    conn.disconnect()
-                    return reply
             if pending:
                 if not _readable(conn, reply_wait(deadline, seconds)):
                     raise RemoteTimeout(f"redis server {redact(self.url)} did not answer in time")

@@ -306,7 +306,7 @@ class RedisQueueCore(StreamCore):
             self.check(status)
             if status == 1:
                 return
-            await A.gate(self, self.keys[4]).wait(srv, self.keys[4])
+            await A.gate(self, self.keys[4]).wait(srv, [self.keys[4]])
 
     async def get_nowait_async(self) -> Any:
         """One attempt without waiting (for aselect): the item or NOTHING."""

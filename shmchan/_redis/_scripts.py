@@ -208,19 +208,23 @@ TAKE: Final = (
     + f"""
 -- ARGV: consumer, count, hold (1: deliver through the group and leave the records in its
 --       pending list until task_done; 0: take the oldest and delete them), eof check (1/0)
--- KEYS[9] (optional): the caller's wake list, pushed when this call has an answer (records
---       or the end of the stream), so that a BLPOP pipelined behind it returns at once
+-- KEYS[9] (optional): the caller's wake list, pushed whenever this call has an answer
+--       (records, the end of the stream, or the queue gone), so that a BLPOP pipelined
+--       behind it returns at once
 -- reply: {{status, id, type, payload, id, type, payload, ...}}
-if redis.call('EXISTS', M) == 0 then return {{{GONE}}} end
-local meta = redis.call('HMGET', M, 'kind', 'maxsize', 'cap', 'redeliver')
-local maxsize, cap, redeliver = num(meta[2]), num(meta[3]), num(meta[4])
-local count = tonumber(ARGV[2])
 local function answered()
   if KEYS[9] then
     redis.call('LPUSH', KEYS[9], '1')
     redis.call('PEXPIRE', KEYS[9], 10000)
   end
 end
+if redis.call('EXISTS', M) == 0 then
+  answered()
+  return {{{GONE}}}
+end
+local meta = redis.call('HMGET', M, 'kind', 'maxsize', 'cap', 'redeliver')
+local maxsize, cap, redeliver = num(meta[2]), num(meta[3]), num(meta[4])
+local count = tonumber(ARGV[2])
 local out, ids, fresh, freed = {{{OK}}}, {{}}, 0, 0
 local function add(entry, is_fresh)
   local f, t, p = entry[2], nil, nil

@@ -311,7 +311,7 @@ class StreamCore:
                 self.check(done)
             sent += done
             if done == 0:
-                await A.gate(self, self.keys[3]).wait(srv, self.keys[3])
+                await A.gate(self, self.keys[3]).wait(srv, [self.keys[3]])
 
     async def take_async(self, count: int, eof: bool = False) -> list[Record]:
         """:meth:`take` without a deadline, waiting without blocking the event loop.
@@ -319,20 +319,23 @@ class StreamCore:
         from . import _async as A
 
         await anyio.lowlevel.checkpoint_if_cancelled()
-        with self._lock:
-            if self._buffer:
-                return self._from_buffer(count)
         srv = await A.server(self.url)
+        answer: list[Any] = []
+
+        def keep(reply: list[Any]) -> None:
+            self._keep(reply)
+            answer[:] = reply[:1]
+
         while True:
-            reply = await srv.script("take", self.keys, self.take_args(count, eof))
-            status = reply[0]
-            if status == L.OK:
-                with self._lock:
-                    self._buffer.extend(records_of(reply))
+            with self._lock:
+                if self._buffer:
                     return self._from_buffer(count)
-            if status != 0:
-                self.check(status)
-            await A.gate(self, self.keys[2]).wait(srv, self.keys[2])
+            if answer and answer[0] != 0:
+                self.check(answer[0])  # the end of the stream, or the queue is gone
+            # One round trip: TAKE, and a BLPOP that returns at once if it took something
+            # (the tasks waiting on this handle share it; the records go to its buffer).
+            take = (self.keys, self.take_args(count, eof), keep)
+            await A.gate(self, self.keys[2]).wait(srv, [self.keys[2]], take)
 
     async def poll_async(self, eof: bool = False) -> list[Record]:
         """One attempt to take a record, without waiting: [] if there is none."""

@@ -269,52 +269,69 @@ class Server:
         deadline: float | None,
         keep: Callable[[list[Any]], None],
     ) -> Any:
-        """TAKE, with a BLPOP pipelined behind it in the same round trip: the TAKE
-        script pushes the caller's wake list (``keys[8]``) when it has an answer, and
-        the BLPOP (wake list first, then the items hints) then returns at once;
-        otherwise the BLPOP sleeps until a hint or ``seconds``. Returns the TAKE reply
-        (after the BLPOP's, when it was empty). One round trip per record taken, two
-        per record waited for, instead of three. ``keep(reply)`` runs as soon as the
-        TAKE reply is read, before a held-back Ctrl-C can be raised."""
+        """Take, waiting up to ``seconds`` if there is nothing, in one round trip: the
+        pipeline TAKE 'first', BLPOP (the caller's wake list ``keys[8]``, then the items
+        hints), TAKE 'second' (the TAKE script says how the three fit together). Returns
+        the TAKE reply that answered ([0] if neither took anything). ``keep(reply)``
+        runs as soon as a TAKE reply is read, with Ctrl-C held back; a Ctrl-C while the
+        BLPOP sleeps pushes the wake list (so 'second' takes nothing), the replies are
+        read, and then it is raised."""
         conn = self._acquire(deadline)
+        take = ("EVALSHA", L.SHA["take"], len(keys), *keys, *args)
         pending = 0
+        interrupted = False
+
+        def read(wait: float) -> Any:
+            nonlocal pending
+            if not _readable(conn, wait):
+                raise RemoteTimeout(f"redis server {redact(self.url)} did not answer in time")
+            try:
+                return conn.read_response()
+            finally:
+                pending -= 1
+
         try:
             with no_interrupt():
-                take = ("EVALSHA", L.SHA["take"], len(keys), *keys, *args)
-                blpop = ("BLPOP", keys[8], keys[2], f"{seconds:.3f}")
-                conn.send_packed_command(_pack(conn, take) + _pack(conn, blpop), check_health=False)
-                pending = 2
-                if not _readable(conn, reply_wait(deadline)):
-                    raise RemoteTimeout(f"redis server {redact(self.url)} did not answer in time")
-                try:
-                    reply = conn.read_response()
-                finally:
-                    pending = 1
-                keep(reply)
-                if reply[0] != 0:  # an answer: the wake list was pushed and the BLPOP returns at once
-                    if not _readable(conn, reply_wait(deadline)):
-                        raise RemoteTimeout(f"redis server {redact(self.url)} did not answer in time")
-                    conn.read_response()
-                    pending = 0
-            if pending:
+                packed = _pack(conn, (*take, "first"))
+                packed += _pack(conn, ("BLPOP", keys[8], keys[2], f"{seconds:.3f}"))
+                packed += _pack(conn, (*take, "second"))
+                conn.send_packed_command(packed, check_health=False)
+                pending = 3
+                first = read(reply_wait(deadline))
+                keep(first)
+                if first[0] != 0:  # answered: the BLPOP returns at once, 'second' skips
+                    read(reply_wait(deadline))
+                    read(reply_wait(deadline))
+                    self._release(conn)
+                    return first
+            try:
                 if not _readable(conn, reply_wait(deadline, seconds)):
                     raise RemoteTimeout(f"redis server {redact(self.url)} did not answer in time")
-                conn.read_response()
-                pending = 0
+            except KeyboardInterrupt:
+                interrupted = True
+                with no_interrupt(), contextlib.suppress(RemoteError, OSError):
+                    self.script("wake", [keys[8]], [10_000], REPLY_GRACE, deadline)
+            with no_interrupt():
+                read(reply_wait(deadline))
+                second = read(reply_wait(deadline))
+                keep(second)
         except redis.exceptions.ResponseError as exc:
-            if pending:  # the BLPOP's reply is still due: the connection is out of step
+            if pending:  # replies are still due: the connection is out of step
                 conn.disconnect()
             else:
                 self._release(conn)
             if isinstance(exc, redis.exceptions.NoScriptError):
                 self.call(REPLY_TIMEOUT, "SCRIPT", "LOAD", L.ALL["take"], deadline=deadline)
+                self.call(REPLY_TIMEOUT, "SCRIPT", "LOAD", L.ALL["wake"], deadline=deadline)
                 return [0]  # nothing taken: the caller tries again
             raise translate(exc, self.url) from exc
         except BaseException as exc:
             conn.disconnect()
             raise translate(exc, self.url) from exc
         self._release(conn)
-        return reply
+        if interrupted:
+            raise KeyboardInterrupt
+        return [0] if second[0] == L.SKIP else second
 
     def script(self, name: str, keys: list[str], args: list[Any], wait: float, deadline: float | None) -> Any:
         """Run script ``name`` (loading it first if the server does not know it: a

@@ -44,6 +44,7 @@ TOO_MANY: Final = -5  # task_done() without an unfinished task
 WRONG_KIND: Final = -6  # a queue opened as a channel or the other way round
 EXISTS: Final = -7  # create() found the name taken
 FOREIGN: Final = -8  # the settings hash is not shmchan's (wrong schema version)
+SKIP: Final = 2  # a second take of a pipeline whose first take answered (see TAKE)
 
 TOKENS: Final = 64
 """The most wakeup hints a list keeps (each wakes one waiter; waiters also re-check
@@ -208,16 +209,20 @@ TAKE: Final = (
     + f"""
 -- ARGV: consumer, count, hold (1: deliver through the group and leave the records in its
 --       pending list until task_done; 0: take the oldest and delete them), eof check (1/0)
--- KEYS[9] (optional): the caller's wake list, pushed whenever this call has an answer
---       (records, the end of the stream, or the queue gone), so that a BLPOP pipelined
---       behind it returns at once
+-- ARGV[5] (optional) and KEYS[9], the caller's private wake list, for a take that waits
+--       in one round trip: the pipeline TAKE 'first', BLPOP wake items, TAKE 'second'.
+--       'first' pushes two wake tokens when it has an answer (records, the end, or the
+--       queue gone): the BLPOP pops one at once, and 'second', finding the other,
+--       returns SKIP without taking anything. If 'first' found nothing, the BLPOP
+--       sleeps until a producer's hint (or the slice) and 'second' takes right after.
 -- reply: {{status, id, type, payload, id, type, payload, ...}}
 local function answered()
-  if KEYS[9] then
-    redis.call('LPUSH', KEYS[9], '1')
+  if ARGV[5] == 'first' then
+    redis.call('LPUSH', KEYS[9], '1', '1')
     redis.call('PEXPIRE', KEYS[9], 10000)
   end
 end
+if ARGV[5] == 'second' and redis.call('LPOP', KEYS[9]) then return {{{SKIP}}} end
 if redis.call('EXISTS', M) == 0 then
   answered()
   return {{{GONE}}}
@@ -447,28 +452,37 @@ return existed
 """
 
 WAKE: Final = """
--- KEYS[1]: a waiting task's private wake list; ARGV[1]: ms it may live if nobody pops it
-redis.call('LPUSH', KEYS[1], '1')
+-- KEYS[1]: a waiting caller's private wake list; ARGV[1]: ms it may live if nobody pops it.
+-- Two tokens, as TAKE 'first' pushes: the BLPOP returns, and the TAKE 'second' behind it
+-- takes nothing.
+redis.call('LPUSH', KEYS[1], '1', '1')
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 1
 """
 
+ALLOW_OOM: Final = "#!lua flags=allow-oom\n"
+"""Scripts that take, acknowledge, renew or release are declared runnable when the
+server is out of memory (``maxmemory``): consumers must drain a full queue, leases must
+not lapse, and a take that deleted records must not fail before answering. Only CREATE
+and PUT add data, and those are refused then (NoSpace). (Redis 7.0 ran them without the
+flag too, in the tests; the flag makes it a declared property. Redis >= 7.0, Valkey.)"""
+
 ALL: Final = {
     "create": CREATE,
-    "attach": ATTACH,
+    "attach": ALLOW_OOM + ATTACH,
     "put": PUT,
-    "take": TAKE,
-    "requeue": REQUEUE,
-    "done": DONE_SCRIPT,
-    "joined": JOINED,
-    "size": SIZE,
-    "renew": RENEW,
-    "release": RELEASE,
-    "transit": TRANSIT,
-    "unlink": UNLINK,
-    "wake": WAKE,
+    "take": ALLOW_OOM + TAKE,
+    "requeue": ALLOW_OOM + REQUEUE,
+    "done": ALLOW_OOM + DONE_SCRIPT,
+    "joined": ALLOW_OOM + JOINED,
+    "size": ALLOW_OOM + SIZE,
+    "renew": ALLOW_OOM + RENEW,
+    "release": ALLOW_OOM + RELEASE,
+    "transit": ALLOW_OOM + TRANSIT,
+    "unlink": ALLOW_OOM + UNLINK,
+    "wake": ALLOW_OOM + WAKE,
 }
-"""Every script by name."""
+"""Every script by name, as sent to the server."""
 
 SHA: Final = {name: hashlib.sha1(text.encode()).hexdigest() for name, text in ALL.items()}
 """Each script's SHA-1, the name ``EVALSHA`` knows it by."""

@@ -19,7 +19,7 @@ import pytest
 from helpers.procs import child_env
 
 import shmchan
-from shmchan import Channel, Queue
+from shmchan import Channel, JoinableQueue, Queue
 from shmchan._redis._client import REPLY_GRACE
 
 from .conftest import RedisServer, free_port, need_binary, unique, wait_blocked_client
@@ -209,14 +209,22 @@ def test_server_restarted_without_its_data(own_server: RedisServer) -> None:
         handle.close()
 
 
-def test_out_of_memory_is_no_space(own_server: RedisServer) -> None:
-    q: Queue[bytes] = Queue(backend="redis", url=own_server.url)
+def test_out_of_memory_is_no_space_and_consumers_still_drain(own_server: RedisServer) -> None:
+    q: JoinableQueue[bytes] = JoinableQueue(1000, backend="redis", url=own_server.url)
     with own_server.client() as c:
-        c.config_set("maxmemory", str(2 << 20))
+        c.config_set("maxmemory", str(c.info("memory")["used_memory"] + (2 << 20)))
+    put = 0
     with pytest.raises(shmchan.NoSpace) as err:
-        for _ in range(100):
-            q.put(b"x" * (256 << 10))
+        for _ in range(200):
+            q.put(b"x" * (64 << 10))
+            put += 1
     assert isinstance(err.value, OSError)
+    assert put > 0
+    got = [q.get(timeout=5) for _ in range(put)]  # blocking gets, with their wake lists
+    for _ in got:
+        q.task_done()
+    q.join()
+    assert q.empty()
     with own_server.client() as c:
         c.config_set("maxmemory", "0")
     q.close()

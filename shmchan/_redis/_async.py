@@ -172,27 +172,32 @@ class AsyncServer:
         return await self.call(seconds + C.REPLY_TIMEOUT, lambda: self.client.blpop(keys, seconds))
 
     async def take_and_blpop(self, take: Take, wake: str, keys: list[str], seconds: float) -> Any:
-        """TAKE then BLPOP ``[wake, *keys]`` in one round trip (see :func:`sleep_on`);
-        ``(take reply, blpop reply)``. A server that forgot the script gets it again,
-        and the take counts as having found nothing."""
+        """TAKE 'first', BLPOP ``[wake, *keys]``, TAKE 'second' in one round trip (see
+        the TAKE script and :func:`sleep_on`); ``(the TAKE reply that answered, or [0];
+        the BLPOP reply)``. A server that forgot the script gets it again, and the take
+        counts as having found nothing."""
         import coredis.exceptions as E
 
         take_keys, args = [*take[0], wake], [_bytes(a) for a in take[1]]
 
-        async def both() -> tuple[Any, Any]:
+        async def three() -> tuple[Any, Any, Any]:
             async with self.client.pipeline(transaction=False) as pipe:
-                first = pipe.evalsha(L.SHA["take"], take_keys, args)
-                second = pipe.blpop([wake, *keys], seconds)
-            return await first, await second
+                first = pipe.evalsha(L.SHA["take"], take_keys, [*args, "first"])
+                woke = pipe.blpop([wake, *keys], seconds)
+                second = pipe.evalsha(L.SHA["take"], take_keys, [*args, "second"])
+            return await first, await woke, await second
 
         try:
-            result: tuple[Any, Any] = await self.call(seconds + C.REPLY_TIMEOUT, both)
-            return result
+            first, woke, second = await self.call(seconds + C.REPLY_TIMEOUT, three)
         except RemoteError as exc:
             if not isinstance(exc.__cause__, E.NoScriptError):
                 raise
-        await self.call(C.REPLY_TIMEOUT, lambda: self.client.script_load(L.ALL["take"]))
-        return [0], None
+            await self.call(C.REPLY_TIMEOUT, lambda: self.client.script_load(L.ALL["take"]))
+            await self.call(C.REPLY_TIMEOUT, lambda: self.client.script_load(L.ALL["wake"]))
+            return [0], None
+        if first[0] != 0:
+            return first, woke
+        return ([0] if second[0] == L.SKIP else second), woke
 
     async def lpush(self, key: str | bytes) -> None:
         await self.call(C.REPLY_GRACE, lambda: self.client.lpush(key, [b"1"]))

@@ -95,6 +95,16 @@ async def test_random_cancellations_lose_and_duplicate_nothing(url: str) -> None
     q.close()
 
 
+async def test_a_get_that_can_answer_does_not_wait(url: str) -> None:
+    """A get finds what is there in one round trip: its pipelined BLPOP must return at
+    once (were it to sleep its slice, 100 gets would take 50 s)."""
+    q: Queue[int] = Queue(backend="redis", url=url)
+    q.put_many(range(100))
+    with anyio.fail_after(10):
+        assert [await q.async_q.get() for _ in range(100)] == list(range(100))
+    q.close()
+
+
 async def test_cancelled_waits_take_nothing(url: str) -> None:
     q: Queue[str] = Queue(1, backend="redis", url=url)
     for _ in range(20):

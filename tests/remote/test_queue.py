@@ -63,6 +63,17 @@ def test_large_messages(url: str) -> None:
     q.close()
 
 
+def test_a_get_that_can_answer_does_not_wait(url: str) -> None:
+    """One round trip per get: the BLPOP behind the take returns at once (were it to
+    sleep its slice, 100 gets would take 50 s)."""
+    q: Queue[int] = Queue(backend="redis", url=url)
+    q.put_many(range(100))
+    start = time.monotonic()
+    assert [q.get() for _ in range(100)] == list(range(100))
+    assert time.monotonic() - start < 10
+    q.close()
+
+
 def test_timeouts_and_non_blocking(url: str) -> None:
     q: Queue[int] = Queue(1, backend="redis", url=url)
     with pytest.raises(shmchan.Empty):

@@ -132,10 +132,13 @@ class AsyncServer:
         self.done = True
         self.stop.set()
 
-    async def call(self, wait: float, command: Callable[[], Awaitable[Any]]) -> Any:
+    async def call(self, wait: float, command: Callable[[], Awaitable[Any]], cleanup: bool = False) -> Any:
         """Run ``command`` shielded from cancellation, for at most ``wait`` seconds, and
         at most :data:`~shmchan._redis._client.REPLY_GRACE` past the deadline of the
-        caller's cancel scopes (a server that stops answering cannot hold a timeout up)."""
+        caller's cancel scopes (a server that stops answering cannot hold a timeout up).
+        A timeout drops the client (its connections are in an unknown state), except
+        for a ``cleanup`` command (a one-line push or delete, whose late reply coredis
+        simply discards)."""
         if self.done:
             raise RemoteUnavailable(f"connection to redis server {C.redact(self.url)} was dropped")
         deadline = anyio.current_effective_deadline()
@@ -151,16 +154,24 @@ class AsyncServer:
                     if not isinstance(exc, E.ResponseError):
                         self.discard()
                     raise translate(exc, self.url) from exc
-            self.discard()
+            if not cleanup:
+                self.discard()
             raise RemoteTimeout(f"redis server {C.redact(self.url)} did not answer within {wait:.3g} s")
 
-    async def script(self, name: str, keys: list[str], args: list[Any], wait: float = C.REPLY_TIMEOUT) -> Any:
+    async def script(
+        self,
+        name: str,
+        keys: list[str],
+        args: list[Any],
+        wait: float = C.REPLY_TIMEOUT,
+        cleanup: bool = False,
+    ) -> Any:
         """Run script ``name`` (loading it if the server does not know it), shielded."""
         import coredis.exceptions as E
 
         args = [_bytes(a) for a in args]
         try:
-            return await self.call(wait, lambda: self.client.evalsha(L.SHA[name], keys, args))
+            return await self.call(wait, lambda: self.client.evalsha(L.SHA[name], keys, args), cleanup)
         except RemoteError as exc:
             if not isinstance(exc.__cause__, E.NoScriptError):
                 raise
@@ -200,10 +211,10 @@ class AsyncServer:
         return ([0] if second[0] == L.SKIP else second), woke
 
     async def lpush(self, key: str | bytes) -> None:
-        await self.call(C.REPLY_GRACE, lambda: self.client.lpush(key, [b"1"]))
+        await self.call(C.REPLY_GRACE, lambda: self.client.lpush(key, [b"1"]), cleanup=True)
 
     async def delete(self, key: str) -> None:
-        await self.call(C.REPLY_GRACE, lambda: self.client.delete([key]))
+        await self.call(C.REPLY_TIMEOUT, lambda: self.client.delete([key]), cleanup=True)
 
 
 _servers: dict[tuple[str, int], AsyncServer] = {}
@@ -283,7 +294,7 @@ async def sleep_on(
                 with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                     # bounded by the grace: a server that does not answer this cannot
                     # answer the BLPOP either, which gives up on its own
-                    await srv.script("wake", [wake], [C.ms(seconds + C.REPLY_TIMEOUT)], C.REPLY_GRACE)
+                    await srv.script("wake", [wake], [C.ms(seconds + C.REPLY_TIMEOUT)], C.REPLY_GRACE, True)
 
     failed: Exception | None = None
     try:
@@ -308,9 +319,11 @@ async def sleep_on(
                 await srv.lpush(got[0])  # a hint meant for somebody: give it back
         raise
     finally:
-        if state["pushed"]:
+        if state["pushed"] and not srv.done:
+            # A wake that came too late to be popped. (If the client was dropped, the
+            # server did not answer: the list expires on its own, within seconds.)
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                await srv.delete(wake)  # a wake that came too late to be popped
+                await srv.delete(wake)
     return got if got and got[0].decode() != wake else None
 
 

@@ -48,7 +48,7 @@ from .._errors import (
 from . import URL_ENV
 from . import _scripts as L
 
-REPLY_GRACE: Final = 0.5
+REPLY_GRACE: Final = 1.0
 """Seconds a reply may take beyond the caller's deadline before the call raises
 RemoteTimeout (a non-blocking call, ``timeout=0``, waits this long for its reply)."""
 

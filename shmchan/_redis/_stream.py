@@ -7,10 +7,11 @@ shmchan's codec (:func:`shmchan._codec.encode` / :func:`~shmchan._codec.decode`)
 NumPy array is pickled out of band and its buffer copied once into the payload.
 
 Putting is the PUT script (the records that fit go in; while none fits the producer
-waits on the ``space`` hint list); taking is the TAKE script (delivered and, unless
-the handle holds them until ``task_done``, acknowledged and deleted in the same step;
-while there is nothing the consumer waits on the ``items`` hint list). Waits are
-BLPOP slices of at most :data:`~shmchan._redis._client.SLICE` seconds; hints are only
+waits on the ``space`` hint list); taking is the TAKE script (taken and, unless the
+handle holds them until ``task_done``, deleted in the same step). A take that may
+wait is one round trip: TAKE, a BLPOP on the ``items`` hint list, and a second TAKE,
+pipelined (see :meth:`~shmchan._redis._client.Server.take_or_wait`). Waits are BLPOP
+slices of at most :data:`~shmchan._redis._client.SLICE` seconds; hints are only
 hints, every slice re-checks.
 """
 

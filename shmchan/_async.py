@@ -43,6 +43,7 @@ import anyio.abc
 import anyio.from_thread
 import anyio.lowlevel
 
+from . import _redis as _remote
 from ._core import BUSY, EV_JOINED, EV_NOT_EMPTY, EV_NOT_FULL, F_NOGRACE, NOTHING, WAIT_SLICE
 from ._errors import BrokenChannel, ClosedChannel, Empty, EndOfChannel, Full, WrongMode
 
@@ -214,6 +215,9 @@ class AsyncQueue(Generic[T]):
     async def put(self, item: T) -> None:
         """Put ``item``, waiting (without blocking the event loop) while it is full."""
         core = self._core()
+        if self._q._backend == _remote.BACKEND:  # redis dispatch: await core.put_async(obj)
+            await core.put_async(item)
+            return
         await _paced_checkpoint()
         done = core.put(item, 0.0, F_NOGRACE)  # the fast path: one call, no waiting
         if done is True:
@@ -228,6 +232,9 @@ class AsyncQueue(Generic[T]):
     async def get(self) -> T:
         """Remove and return an item, waiting (without blocking the loop) while empty."""
         core = self._core()
+        if self._q._backend == _remote.BACKEND:  # redis dispatch: await core.get_async()
+            got: T = await core.get_async()
+            return got
         await _paced_checkpoint()
         item: Any = core.get(0.0, F_NOGRACE)  # the fast path: one call, no waiting
         if item is NOTHING or item is BUSY:
@@ -241,6 +248,9 @@ class AsyncQueue(Generic[T]):
         there is no room. If it is cancelled while it waits, the items already put
         stay in the queue and the others are not sent."""
         core = self._core()
+        if self._q._backend == _remote.BACKEND:  # redis dispatch: await core.put_many_async(objs)
+            await core.put_many_async(items)
+            return
         rest = list(items)
 
         def attempt() -> Any:
@@ -262,6 +272,9 @@ class AsyncQueue(Generic[T]):
 
         _check_max_items(max_items)
         core = self._core()
+        if self._q._backend == _remote.BACKEND:  # redis dispatch: await core.get_many_async(max_items)
+            got: list[T] = await core.get_many_async(max_items)
+            return got
 
         def attempt() -> Any:
             got = core.get_many(max_items, 0.0, F_NOGRACE)
@@ -303,6 +316,9 @@ class AsyncQueue(Generic[T]):
         if not hasattr(q, "task_done"):
             raise AttributeError("join() needs a JoinableQueue")
         core = self._core()
+        if q._backend == _remote.BACKEND:  # redis dispatch: await core.join_async()
+            await core.join_async()
+            return
         await _until(core, EV_JOINED, lambda: True if core.unfinished() == 0 else NOTHING)
 
 
@@ -331,6 +347,9 @@ class ChannelStream(anyio.abc.ObjectStream[Any]):
         try:
             flags = ch._writable() | F_NOGRACE
             core = ch._core
+            if ch._backend == _remote.BACKEND:  # redis dispatch: await core.send_async(obj) (BrokenChannel)
+                await core.send_async(item)
+                return
 
             def attempt() -> Any:
                 done = core.put(item, 0.0, flags)
@@ -347,6 +366,8 @@ class ChannelStream(anyio.abc.ObjectStream[Any]):
         try:
             flags = ch._readable() | F_NOGRACE
             core = ch._core
+            if ch._backend == _remote.BACKEND:  # redis dispatch: await core.recv_async() (EndOfChannel)
+                return await core.recv_async()
             return await _until(core, EV_NOT_EMPTY, lambda: core.get(0.0, flags))
         except EndOfChannel:
             raise anyio.EndOfStream from None
@@ -374,6 +395,10 @@ async def aselect(*sources: Any) -> tuple[Any, Any]:
     from ._select import check_sources, next_start, try_each, try_each_ready
 
     check_sources(sources)
+    if any(s.backend == _remote.BACKEND for s in sources):  # redis dispatch: select over redis sources
+        from ._redis._select import aselect as remote_aselect
+
+        return await remote_aselect(sources)
     await anyio.lowlevel.checkpoint_if_cancelled()
     cores = [s._core for s in sources]
     while True:

@@ -38,6 +38,7 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -749,12 +750,14 @@ def all_peers() -> list[Peer]:
         *(_shmchan_peer(b) for b in backends),
         _batch_peer(DEFAULT_BACKEND),
     ]
-    return [
-        p
-        if not p.requires or _installed(p.requires)
-        else Peer(p.name, p.link, unavailable="not installed (pip install 'shmchan[bench]')")
-        for p in peers
-    ]
+    return _with_redis_rows(
+        [
+            p
+            if not p.requires or _installed(p.requires)
+            else Peer(p.name, p.link, unavailable="not installed (pip install 'shmchan[bench]')")
+            for p in peers
+        ]
+    )
 
 
 HEADLINE: Final = f"shmchan.Queue[{DEFAULT_BACKEND}]"
@@ -905,6 +908,8 @@ class Report:
 
 
 NO_ASYNC_FACE: Final = "no async face measured"
+LEFT_OUT: Final = {NO_ASYNC_FACE}
+"""Reasons for which a row that cannot run any workload of a table is left out of it."""
 
 
 def _why_not(w: Workload, peer: Peer) -> str:
@@ -1037,15 +1042,17 @@ def render(report: Report) -> str:
         out += ["", f"#### {TABLES[table]}", ""]
         out.append("| peer | " + " | ".join(_header(w, mt, report.quick) for w, mt in cols) + " |")
         out.append("|---|" + "---|" * len(cols))
-        left_out = []
+        left_out: dict[str, list[str]] = {}
         for peer in report.peers:
-            if all(report.cell(w, peer.name).skipped == NO_ASYNC_FACE for w, _ in cols):
-                left_out.append(peer.name)
+            reasons = {report.cell(w, peer.name).skipped for w, _ in cols}
+            if reasons <= LEFT_OUT:  # it runs nothing here, for reasons the table states
+                reason = min(reasons - {NO_ASYNC_FACE}, default=NO_ASYNC_FACE)
+                left_out.setdefault(reason, []).append(peer.name)
                 continue
             cells = [_cell_text(report, w, peer.name, mt, notes) for w, mt in cols]
             out.append(f"| {_label(peer.name)} | " + " | ".join(cells) + " |")
-        if left_out:
-            out += ["", f"Not in this table ({NO_ASYNC_FACE}): {', '.join(left_out)}."]
+        for reason, names in left_out.items():
+            out += ["", f"Not in this table ({reason}): {', '.join(names)}."]
     rings = ", ".join(
         f"{w.key} {_ring_bytes(w) // MiB} MiB" for w in report.workloads if w.capacity is not None
     )
@@ -1053,6 +1060,7 @@ def render(report: Report) -> str:
     out += ["", f"Ring bytes (capacity) of the shmchan.Queue rows: {default}."]
     out += [f"[{i + 1}] {text}" for i, text in enumerate(notes.texts)]
     out += ["", *targets_table(report)]
+    out += redis_targets_table(report)
     if report.percall:
         out += ["", *report.percall]
     if not report.complete:
@@ -1368,7 +1376,7 @@ def main(argv: list[str] | None = None) -> int:
         "--workload",
         action="append",
         metavar="KEY",
-        help="only this workload (A-64B, A-1KiB, A-64KiB, A-1MiB, B, C, D, E; A = all of A)",
+        help="only this workload (A-64B, A-1KiB, A-64KiB, A-1MiB, B, C, D, E, R-A-64B...; A = all of A)",
     )
     parser.add_argument("--peer", action="append", metavar="NAME", help="only peers whose name contains NAME")
     parser.add_argument("--case-timeout", type=float, metavar="S", help="time limit per case (default 30 s)")
@@ -1387,7 +1395,12 @@ def main(argv: list[str] | None = None) -> int:
         quick=args.quick,
         repeat=args.repeat or (1 if args.quick else 3),
         peers=[peers[0], *(p for p in chosen if p.name != BASELINE)],  # the baseline always runs
-        workloads=[_scaled(w, args.scale) for w in _select(WORKLOADS, args.workload, _workload_is)],
+        workloads=[
+            _scaled(w, args.scale)
+            for w in _select(
+                (*WORKLOADS, *redis_workloads(args.quick, args.workload)), args.workload, _workload_is
+            )
+        ],
         scale=args.scale,
         cells={},
         machine=machine_info(),
@@ -1399,7 +1412,8 @@ def main(argv: list[str] | None = None) -> int:
 
     start, busy = time.monotonic(), _busy_cpu_seconds()
     try:
-        measure(report, limit, os.path.abspath(args.profile) if args.profile else "", progress)
+        with redis_server_for(report, progress):
+            measure(report, limit, os.path.abspath(args.profile) if args.profile else "", progress)
         if not args.no_percall and any(p.name.startswith("shmchan") for p in report.peers):
             progress("per call, one process")
             backends = [
@@ -1419,3 +1433,180 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         plot(report, args.plot)
     return 0 if report.complete else 130
+
+
+# -- the redis backend (issue 10) ---------------------------------------------------------
+#
+# Table R runs shmchan.Queue(backend="redis") on a redis-server that the bench starts
+# itself (a free port of 127.0.0.1, a temporary directory, no persistence) and stops at
+# the end, beside mp.Queue (the ratios' baseline) and shmchan's default-backend rows.
+# Its counts are smaller than tables A-F's: a remote queue moves thousands of messages
+# per second, not millions. The redis rows run table R only; the other rows that would
+# only add time are left out of it.
+
+REDIS: Final = "shmchan.Queue[redis]"
+REDIS_PREFETCH: Final = 64
+REDIS_ROWS: Final = (REDIS, f"{REDIS} prefetch {REDIS_PREFETCH}", f"{REDIS} batch")
+REDIS_WITH: Final = (BASELINE, HEADLINE, HEADLINE_BATCH)
+"""The local rows that also run table R."""
+REDIS_ONLY_R: Final = "the redis rows run table R"
+NOT_IN_R: Final = "table R runs on mp.Queue, shmchan's default-backend rows and redis only"
+LEFT_OUT.update({REDIS_ONLY_R, NOT_IN_R})
+TABLES["R"] = "R. The redis backend on a loopback redis-server (smaller counts), beside local rows"
+
+
+def _redis_stream(
+    key: str, size: int, count: int, quick: int, pattern: Pattern = STREAM, **kw: Any
+) -> Workload:
+    label = f"{size // KiB}KiB" if size >= KiB else f"{size}B"
+    title = {STREAM: "R stream", PINGPONG: "R ping-pong", ASYNC_STREAM: "R async stream"}[pattern]
+    if kw.get("producers", 1) > 1:
+        title = f"R {kw['producers']}x{kw['consumers']}"
+    return Workload(key, f"{title} {label}", "R", pattern, Payload("bytes", size), count, quick, **kw)
+
+
+REDIS_WORKLOADS: Final = (
+    _redis_stream("R-A-64B", 64, 20_000, 2_000),
+    _redis_stream("R-A-64KiB", 64 * KiB, 2_000, 200),
+    _redis_stream("R-C", 64, 2_000, 200, PINGPONG),
+    _redis_stream("R-D", 64, 10_000, 1_000, producers=2, consumers=2),
+    _redis_stream("R-F", 64, 5_000, 500, ASYNC_STREAM),
+)
+
+
+def redis_workloads(quick: bool, chosen: list[str] | None) -> tuple[Workload, ...]:
+    """Table R's workloads: in a ``--quick`` run that names no workload, only R-A-64B
+    (each case starts fresh processes: the whole table would double a smoke run)."""
+    if quick and not chosen:
+        return REDIS_WORKLOADS[:1]
+    return REDIS_WORKLOADS
+
+
+_redis_url: list[str] = []
+"""The URL of the server the bench started (empty while none runs)."""
+
+
+class RedisLink(ShmchanLink):
+    """A named redis-backed shmchan.Queue; the parent deletes it however the case ended."""
+
+
+class RedisBatchLink(ShmchanBatchLink):
+    """The same, driven by ``put_many(list)`` and ``get_many(BATCH)``."""
+
+
+def _redis_link(kind: type[ShmchanLink], prefetch: int | None = None) -> Callable[[Workload], Link]:
+    def link(w: Workload) -> Link:
+        if not _redis_url:
+            raise CaseFailed("no redis-server is running")
+        name = f"shmchan-bench-{os.getpid()}-{uuid.uuid4().hex[:10]}"
+        return kind(Queue(name=name, backend="redis", url=_redis_url[0], prefetch=prefetch))
+
+    return link
+
+
+def _redis_binary() -> str | None:
+    return shutil.which("redis-server") or shutil.which("valkey-server")
+
+
+def _redis_unavailable() -> str:
+    if _redis_binary() is None:
+        return "no redis-server on PATH (Debian: apt-get install redis-server)"
+    if not (_installed("redis") and _installed("coredis")):
+        return "not installed (pip install 'shmchan[redis]')"
+    return ""
+
+
+def _only_r(w: Workload) -> str:
+    return "" if w.table == "R" else REDIS_ONLY_R
+
+
+def _with_redis_rows(peers: list[Peer]) -> list[Peer]:
+    """``peers`` with the redis rows added, and the rows that skip table R marked so."""
+
+    def skips_r(cannot: Callable[[Workload], str]) -> Callable[[Workload], str]:
+        return lambda w: NOT_IN_R if w.table == "R" else cannot(w)
+
+    why = _redis_unavailable()
+    out = [p if p.name in REDIS_WITH else replace(p, cannot=skips_r(p.cannot)) for p in peers]
+
+    def batch_only(w: Workload) -> str:
+        return _only_r(w) or _streams_only(w)
+
+    def one_consumer(w: Workload) -> str:
+        # Another consumer's end marker may sit in a prefetch buffer until that handle closes.
+        return _only_r(w) or ("prefetch is measured with one consumer" if w.consumers > 1 else "")
+
+    out += [
+        Peer(REDIS_ROWS[0], _redis_link(RedisLink), cannot=_only_r, unavailable=why, asynchronous=True),
+        Peer(REDIS_ROWS[1], _redis_link(RedisLink, REDIS_PREFETCH), cannot=one_consumer, unavailable=why),
+        Peer(REDIS_ROWS[2], _redis_link(RedisBatchLink), cannot=batch_only, unavailable=why),
+    ]
+    return out
+
+
+@contextlib.contextmanager
+def redis_server_for(report: Report, progress: Callable[[str], None]) -> Iterator[None]:
+    """Run a redis-server for the run if it has a redis case; stop it and remove its
+    directory afterwards (also on Ctrl-C or a failure)."""
+    wanted = any(
+        w.table == "R" and p.name in REDIS_ROWS and not p.unavailable
+        for w in report.workloads
+        for p in report.peers
+    )
+    binary = _redis_binary()
+    if not wanted or binary is None:
+        yield
+        return
+    directory = tempfile.mkdtemp(prefix="shmchan-bench-redis-")
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args += ["--dir", directory, "--logfile", os.path.join(directory, "log")]
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise CaseFailed(f"redis-server did not start (exit {proc.poll()})") from None
+                time.sleep(0.02)
+        version = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False).stdout
+        report.machine["versions"] += f", {version.split(' sha=')[0].strip()}"
+        progress(f"redis-server on 127.0.0.1:{port} (directory {directory})")
+        _redis_url.append(url)
+        yield
+    finally:
+        _redis_url.clear()
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+REDIS_TARGETS: Final = (("R-A-64B", REDIS, 4_000.0), ("R-A-64B", REDIS_ROWS[2], 100_000.0))
+"""Issue 10: 1P/1C 64 B on loopback, single put/get and batches (msgs/s)."""
+
+
+def redis_targets_table(report: Report) -> list[str]:
+    """The redis rows against issue 10's targets (absolute msgs/s, not ratios)."""
+    lines = ["", "#### The redis backend against the targets of issue 10", ""]
+    lines += ["| case | row | target | measured | met |", "|---|---|---|---|---|"]
+    for key, peer, target in REDIS_TARGETS:
+        value = report.value(key, peer, RATE)
+        if value is None:
+            continue
+        met = "yes" if value >= target else f"no ({value / target:.0%} of it)"
+        lines.append(f"| {key} | {peer} | >= {_si(target)} msgs/s | {_si(value)} msgs/s | {met} |")
+    return lines if len(lines) > 5 else []

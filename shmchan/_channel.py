@@ -11,6 +11,7 @@ from typing import Any, Final, Self
 
 from . import _core
 from . import _layout as L
+from . import _redis as _remote
 from ._backends import DEFAULT_BACKEND, get_backend
 from ._backends._base import DEFAULT_OPEN_TIMEOUT, CreateParams, check_permissions
 from ._core import F_BROKEN, F_EOF, F_RAW, NOTHING, READER, WRITER, deadline_after
@@ -136,6 +137,8 @@ class Channel:
         backend: str = DEFAULT_BACKEND,
         permissions: int = 0o600,
         mode: str = "rw",
+        url: str | None = None,
+        lease: float | None = None,
     ) -> Channel:
         """Create a new channel called ``name`` and return a handle to it.
 
@@ -146,6 +149,13 @@ class Channel:
         size). The memory is allocated now, and the segment gets exactly
         ``permissions``, whatever the umask. ``mode`` is this handle's rights.
 
+        ``backend="redis"`` puts the channel on the Redis/Valkey server at ``url``
+        (default ``$SHMCHAN_REDIS_URL``), for processes on any host; ``capacity``
+        then bounds the payload bytes queued, ``permissions`` does not apply, and
+        ``lease`` is how long (seconds, default 5) the handle's writer or reader
+        lease lasts without renewal: a process that dies is gone after that long
+        (docs/redis.md).
+
         Raises:
             ChannelExists: the name is taken.
             NoSpace: the OS cannot back the memory (nothing is left behind).
@@ -154,6 +164,11 @@ class Channel:
             BackendUnavailable: unknown or unusable backend.
         """
         _check_mode(mode)
+        if backend == _remote.BACKEND:  # redis dispatch: a channel core, created by URL and name
+            return cls(
+                _remote.channel_core().create(url, name, mode, capacity, max_message, lease), backend, mode
+            )
+        _local_only(url, lease)
         cap, max_record = geometry(capacity, max_message)
         perms = check_permissions(permissions)
         core = _core.create(backend, name, CreateParams(cap, max_record, perms))
@@ -168,6 +183,8 @@ class Channel:
         timeout: float = DEFAULT_OPEN_TIMEOUT,
         mode: str = "rw",
         allow_foreign: bool = False,
+        url: str | None = None,
+        lease: float | None = None,
     ) -> Channel:
         """Attach to the existing channel ``name`` with ``mode`` "r", "w" or "rw".
 
@@ -184,11 +201,16 @@ class Channel:
             TooManyPeers: every peer slot is held by a live handle.
         """
         _check_mode(mode)
+        if backend == _remote.BACKEND:  # redis dispatch: attach a channel core by URL and name
+            return cls(_remote.channel_core().open(url, name, mode, lease), backend, mode)
+        _local_only(url, lease)
         core = _core.attach(backend, name, check_timeout(timeout) or 0.0, allow_foreign)
         return cls(core, backend, mode, allow_foreign)
 
     @staticmethod
-    def remove(name: str, *, backend: str = DEFAULT_BACKEND, force: bool = False) -> None:
+    def remove(
+        name: str, *, backend: str = DEFAULT_BACKEND, force: bool = False, url: str | None = None
+    ) -> None:
         """Remove channel ``name`` (its memory and side segments) from the system.
 
         On the posix and mmap backends, handles that are open keep working; on sysv
@@ -196,11 +218,19 @@ class Channel:
         fail. It works on a channel whose header is corrupt or was never published.
         Raises ChannelNotFound if there is no such channel, and NotAShmchanSegment for
         a file that plainly is not one (some other magic number) unless ``force``.
+        On redis (``url``) the channel is deleted from the server.
         """
+        if backend == _remote.BACKEND:  # redis dispatch: delete by URL and name
+            _remote.channel_core().remove(url, name)
+            return
+        _local_only(url, None)
         get_backend(backend).remove(name, force)
 
     def unlink(self) -> None:
         """Remove this channel's name (see :meth:`remove`)."""
+        if self._backend == _remote.BACKEND:  # redis dispatch: the core knows its URL
+            _remote.channel_core().remove(self._core.url, self._name)
+            return
         self.remove(self._name, backend=self._backend)
 
     @property
@@ -219,7 +249,7 @@ class Channel:
 
     @property
     def capacity(self) -> int:
-        """Ring size in bytes."""
+        """Ring size in bytes (on redis: the most payload bytes queued)."""
         capacity: int = self._core.capacity
         return capacity
 
@@ -429,6 +459,9 @@ class Channel:
         if self._closed:
             return
         self._closed = True
+        if self._backend == _remote.BACKEND:  # redis dispatch: core.close() ends the handle's leases
+            self._core.close()
+            return
         try:
             # Best effort: on a removed sysv channel the presence semaphores are gone,
             # and closing must still succeed (there is nobody left to tell).
@@ -453,6 +486,8 @@ class Channel:
     def __reduce__(self) -> tuple[Any, ...]:
         if self._closed:
             raise ClosedChannel(f"cannot pickle closed channel handle {self._name!r}")
+        if self._backend == _remote.BACKEND:  # redis dispatch: reopen by URL and name, same mode and lease
+            return (_reopen_remote, (self._core.url, self._name, self._mode or "r", self._core.lease))
         return (_reopen, (self._name, self._backend, self._mode or "r", self._allow_foreign))
 
     def __repr__(self) -> str:
@@ -480,3 +515,13 @@ def _check_max_items(max_items: int) -> None:
 
 def _reopen(name: str, backend: str, mode: str = "rw", allow_foreign: bool = False) -> Channel:
     return Channel.open(name, backend=backend, mode=mode, allow_foreign=allow_foreign)
+
+
+def _reopen_remote(url: str, name: str, mode: str, lease: float) -> Channel:
+    return Channel.open(name, backend=_remote.BACKEND, mode=mode, url=url, lease=lease)
+
+
+def _local_only(url: str | None, lease: float | None) -> None:
+    """Refuse the redis backend's options on a local backend."""
+    if url is not None or lease is not None:
+        raise ValueError("url and lease: only for backend='redis'")

@@ -24,8 +24,13 @@ silently changes which ``except`` clause runs::
     ├── AccessDenied          (+ PermissionError)    the OS refused access to the channel
     │   └── UntrustedChannel                         owned by another user, or writable by others
     ├── TooManyPeers          (+ OSError, EUSERS)    every peer slot is held by a live handle
-    ├── NoSpace               (+ OSError, ENOSPC)    the OS could not back the memory (or a limit)
-    └── BackendUnavailable    (+ ImportError)        the backend's module or OS support is missing
+    ├── NoSpace               (+ OSError, ENOSPC)    the OS (or a redis server) could not back the memory
+    ├── BackendUnavailable    (+ ImportError)        the backend's module or OS support is missing
+    ├── BadURL                (+ ValueError)         a redis URL that cannot be used (or none given)
+    └── RemoteError           (+ OSError)            the redis server refused or failed a command
+        └── RemoteUnavailable (+ ConnectionError)    no connection, or it broke during a call
+            ├── RemoteTimeout     (+ TimeoutError)   the server did not answer in time
+            └── RemoteAuthFailed  (+ PermissionError)  the server refused the credentials
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from typing import Any
 __all__ = (
     "AccessDenied",
     "BackendUnavailable",
+    "BadURL",
     "BrokenChannel",
     "ChannelExists",
     "ChannelNotFound",
@@ -52,6 +58,10 @@ __all__ = (
     "MessageTooLarge",
     "NoSpace",
     "NotAShmchanSegment",
+    "RemoteAuthFailed",
+    "RemoteError",
+    "RemoteTimeout",
+    "RemoteUnavailable",
     "ShmchanError",
     "TooManyPeers",
     "UndecodableBatch",
@@ -117,7 +127,10 @@ class BrokenChannel(ShmchanError, BrokenPipeError):
     pipe's EPIPE): nobody could ever receive it. Nothing was written.
 
     It is about *other* handles; a handle closed by your own code raises
-    :class:`ClosedChannel` instead.
+    :class:`ClosedChannel` instead. On the redis backend it is also raised by a
+    writer whose lease ran out (its process stopped renewing it for longer than
+    the lease) after the readers had seen the end of the stream: what it sends
+    could no longer reach them.
     """
 
 
@@ -232,7 +245,9 @@ class TooManyPeers(ShmchanError, OSError):
 
 
 class NoSpace(ShmchanError, OSError):
-    """Raised at creation when the OS cannot back the memory (``errno.ENOSPC``).
+    """Raised at creation when the OS cannot back the memory (``errno.ENOSPC``), and
+    by a redis-backed send that the server refuses for lack of memory (``maxmemory``
+    reached; nothing was queued).
 
     Typical causes: a full ``/dev/shm`` or tmpfs, or SysV limits (``kernel.shmall``,
     ``kernel.shmmni``). Everything created so far has been rolled back. shmchan
@@ -246,3 +261,35 @@ class NoSpace(ShmchanError, OSError):
 
 class BackendUnavailable(ShmchanError, ImportError):
     """Raised when a backend is unknown, or its module or OS support is missing."""
+
+
+class BadURL(ShmchanError, ValueError):
+    """Raised when the redis backend gets no URL (neither ``url=`` nor the
+    ``SHMCHAN_REDIS_URL`` environment variable) or one it cannot use: an unknown
+    scheme, a malformed port or database number. Nothing was contacted."""
+
+
+class RemoteError(ShmchanError, OSError):
+    """Raised when the redis server refuses or fails a command for a reason of its own
+    (too old a server, a read-only replica, an unexpected error reply). The message
+    carries the server's words; the URL is shown without its password."""
+
+
+class RemoteUnavailable(RemoteError, ConnectionError):
+    """Raised when the redis server cannot be reached (refused, unknown host, no
+    route) or the connection breaks during a call (the server died or was
+    restarted). A call that was interrupted this way may or may not have taken
+    effect on the server: a ``put`` may have queued its item, a ``get`` may have
+    taken one that is then lost with the connection (see docs/redis.md)."""
+
+
+class RemoteTimeout(RemoteUnavailable, TimeoutError):
+    """Raised when the redis server accepted the connection but did not answer in
+    time (it is stopped, overloaded or cut off): within the call's own deadline plus
+    a short grace, or within the reply timeout of a call that has none. The
+    connection is dropped, as after :class:`RemoteUnavailable`."""
+
+
+class RemoteAuthFailed(RemoteUnavailable, PermissionError):
+    """Raised when the redis server refuses the URL's credentials (wrong or missing
+    password or user): a ``ConnectionError`` and a ``PermissionError``."""

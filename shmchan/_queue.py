@@ -39,6 +39,7 @@ from typing import Any, Final, Generic, TypeVar
 
 from . import _core, _lifetime
 from . import _layout as L
+from . import _redis as _remote
 from ._backends import DEFAULT_BACKEND, get_backend
 from ._backends._base import DEFAULT_OPEN_TIMEOUT, Backend, CreateParams
 from ._channel import _check_max_items, check_timeout, geometry
@@ -82,12 +83,32 @@ class _QueueCore(Generic[T]):
     _maxsize: int
     _closed: bool
 
-    def _create(self, maxsize: int, name: str | None, backend: str | None, capacity: int | None) -> None:
+    def _create(
+        self,
+        maxsize: int,
+        name: str | None,
+        backend: str | None,
+        capacity: int | None,
+        remote: dict[str, Any] | None = None,
+    ) -> None:
         if isinstance(maxsize, bool) or not isinstance(maxsize, int):
             raise TypeError(f"maxsize must be an int, not {type(maxsize).__name__}")
         self._closed = True  # until fully made, for __del__
         self._maxsize = max(0, maxsize)
         self._backend = backend or DEFAULT_BACKEND
+        if self._backend == _remote.BACKEND:  # redis dispatch: the face needs a queue core
+            options = dict(remote or {})
+            core = _remote.queue_core().create(
+                options.pop("url", None),
+                name,
+                self._maxsize,
+                capacity,
+                joinable=isinstance(self, JoinableQueue),
+                **options,
+            )
+            self._adopt(core)
+            return
+        _local_only(remote)
         self._impl = get_backend(self._backend)
         cap, max_record = geometry(DEFAULT_QUEUE_CAPACITY if capacity is None else capacity, None)
         if name is None:
@@ -105,9 +126,21 @@ class _QueueCore(Generic[T]):
             raise
         self._closed = False
 
-    def _attach(self, name: str, backend: str, handoff: Any = "", owner: str | None = None) -> None:
+    def _attach(
+        self,
+        name: str,
+        backend: str,
+        handoff: Any = "",
+        owner: str | None = None,
+        remote: dict[str, Any] | None = None,
+    ) -> None:
         self._closed = True
         self._backend = backend
+        if backend == _remote.BACKEND:  # redis dispatch: attach a queue core by URL and name
+            options = dict(remote or {})
+            self._adopt(_remote.queue_core().attach(options.pop("url", None), name, **options))
+            return
+        _local_only(remote)
         self._impl = get_backend(backend)
         self._name = self._impl.normalize_name(name)
         held = ""  # the address of the service that holds this handle
@@ -137,6 +170,16 @@ class _QueueCore(Generic[T]):
         self._owner = held
         self._maxsize = core.max_items
         self._core = core
+        self._closed = False
+
+    def _adopt(self, core: Any) -> None:
+        """Become the face of remote queue core ``core`` (redis dispatch). It has the
+        compiled core's put/get/put_many/get_many/qsize/task_done/join/close, so the
+        operations below need no dispatch of their own."""
+        self._backend = _remote.BACKEND
+        self._core = core
+        self._name, self._owner = core.name, ""
+        self._maxsize = core.maxsize
         self._closed = False
 
     # -- shared operations -----------------------------------------------------------------
@@ -231,13 +274,19 @@ class _QueueCore(Generic[T]):
     def unlink(self) -> None:
         """Remove the queue's name and OS objects now (for a named queue).
 
-        Handles that are open keep working on the posix and mmap backends.
+        Handles that are open keep working on the posix and mmap backends. On redis
+        the queue is deleted from the server: handles still open get ChannelNotFound.
         """
+        if self._backend == _remote.BACKEND:  # redis dispatch: core.unlink()
+            self._core.unlink()
+            return
         self._impl.remove(self._name)
 
     def __reduce__(self) -> tuple[Any, ...]:
         if self._closed:
             raise self._closed_error()
+        if self._backend == _remote.BACKEND:  # redis dispatch: the core pickles (url, name) and re-attaches
+            return (_rebuild_remote, (type(self), self._core))
         owner, handoff = (
             _lifetime.transfer(self._owner, self._backend, self._name) if self._owner else ("", "")
         )
@@ -259,6 +308,19 @@ def _rebuild(cls: type[_QueueCore[Any]], name: str, backend: str, owner: str, ha
     return obj
 
 
+def _rebuild_remote(cls: type[_QueueCore[Any]], core: Any) -> Any:
+    obj = cls.__new__(cls)
+    obj._adopt(core)
+    return obj
+
+
+def _local_only(remote: dict[str, Any] | None) -> None:
+    """Refuse the redis backend's options on a local backend."""
+    given = sorted(k for k, v in (remote or {}).items() if v is not None)
+    if given:
+        raise ValueError(f"{', '.join(given)}: only for backend='redis'")
+
+
 class Queue(_QueueCore[T]):
     """A process-shared FIFO queue with the API of ``multiprocessing.Queue``.
 
@@ -267,9 +329,17 @@ class Queue(_QueueCore[T]):
             less) means no item limit (the ring's ``capacity`` still bounds bytes).
         name: attach-by-name identity; None makes an unnamed queue that cleans up
             after itself when every process using it is gone.
-        backend: "posix" (default), "sysv" or "mmap".
+        backend: "posix" (default), "sysv" or "mmap"; or "redis" for a queue on a
+            Redis/Valkey server that processes on other hosts share (docs/redis.md).
         capacity: ring bytes (default 4 MiB, rounded up to a power of two). Messages
-            larger than half of it travel through side segments.
+            larger than half of it travel through side segments. On redis: the most
+            payload bytes queued (default None: no byte limit).
+        url: the redis server, ``redis://[[user]:password@]host:port/db`` (also
+            ``rediss://`` and ``unix://``); default ``$SHMCHAN_REDIS_URL``. Redis only.
+        prefetch: redis only: records a ``get`` takes from the server at once (default
+            1); the others wait in this handle for the next gets. Faster, at a cost
+            on a crash (docs/redis.md, "Prefetch").
+        lease: redis only: seconds a handle's leases last without renewal (default 5).
     """
 
     def __init__(
@@ -279,14 +349,27 @@ class Queue(_QueueCore[T]):
         name: str | None = None,
         backend: str | None = None,
         capacity: int | None = None,
+        url: str | None = None,
+        prefetch: int | None = None,
+        lease: float | None = None,
     ) -> None:
-        self._create(maxsize, name, backend, capacity)
+        self._create(maxsize, name, backend, capacity, {"url": url, "prefetch": prefetch, "lease": lease})
 
     @classmethod
-    def open(cls, name: str, *, backend: str | None = None) -> Any:
-        """Attach to an existing queue by name, from any process."""
+    def open(
+        cls,
+        name: str,
+        *,
+        backend: str | None = None,
+        url: str | None = None,
+        prefetch: int | None = None,
+        lease: float | None = None,
+    ) -> Any:
+        """Attach to an existing queue by name, from any process (on redis: any host)."""
         obj = cls.__new__(cls)
-        obj._attach(name, backend or DEFAULT_BACKEND)
+        obj._attach(
+            name, backend or DEFAULT_BACKEND, remote={"url": url, "prefetch": prefetch, "lease": lease}
+        )
         return obj
 
     def put(self, obj: T, block: bool = True, timeout: float | None = None) -> None:
@@ -371,11 +454,32 @@ class Queue(_QueueCore[T]):
 
 class JoinableQueue(Queue[T]):
     """A :class:`Queue` with ``task_done()`` and ``join()``, like
-    ``multiprocessing.JoinableQueue``. Every ``put`` adds an unfinished task."""
+    ``multiprocessing.JoinableQueue``. Every ``put`` adds an unfinished task.
+
+    ``redeliver_after`` (redis only, seconds): at-least-once delivery. An item is
+    then acknowledged by ``task_done()`` on the handle whose ``get`` returned it, not
+    by the ``get``; one held by a consumer that died (stopped renewing it) for that
+    long is handed to another consumer.
+    """
+
+    def __init__(
+        self,
+        maxsize: int = 0,
+        *,
+        name: str | None = None,
+        backend: str | None = None,
+        capacity: int | None = None,
+        url: str | None = None,
+        prefetch: int | None = None,
+        lease: float | None = None,
+        redeliver_after: float | None = None,
+    ) -> None:
+        remote = {"url": url, "prefetch": prefetch, "lease": lease, "redeliver_after": redeliver_after}
+        self._create(maxsize, name, backend, capacity, remote)
 
     def task_done(self) -> None:
         """Mark one item as processed. Raises ValueError if called more times than
-        items were put."""
+        items were put (with ``redeliver_after``: on a handle that holds no item)."""
         if self._closed:
             raise self._closed_error()
         self._core.task_done()
@@ -392,15 +496,23 @@ class SimpleQueue(_QueueCore[T]):
     ``put``, ``get``, ``empty`` and ``close``, with no size limit or timeouts."""
 
     def __init__(
-        self, *, name: str | None = None, backend: str | None = None, capacity: int | None = None
+        self,
+        *,
+        name: str | None = None,
+        backend: str | None = None,
+        capacity: int | None = None,
+        url: str | None = None,
+        lease: float | None = None,
     ) -> None:
-        self._create(0, name, backend, capacity)
+        self._create(0, name, backend, capacity, {"url": url, "lease": lease})
 
     @classmethod
-    def open(cls, name: str, *, backend: str | None = None) -> Any:
-        """Attach to an existing queue by name, from any process."""
+    def open(
+        cls, name: str, *, backend: str | None = None, url: str | None = None, lease: float | None = None
+    ) -> Any:
+        """Attach to an existing queue by name, from any process (on redis: any host)."""
         obj = cls.__new__(cls)
-        obj._attach(name, backend or DEFAULT_BACKEND)
+        obj._attach(name, backend or DEFAULT_BACKEND, remote={"url": url, "lease": lease})
         return obj
 
     def _closed_error(self) -> ClosedChannel:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import _cext
+from . import _redis as _remote
 from ._core import EV_NOT_EMPTY, NOTHING, WAIT_SLICE, deadline_after, remaining
 from ._errors import Empty, EndOfChannel
 
@@ -87,6 +88,10 @@ def select(*sources: Any, timeout: float | None = None) -> tuple[Any, Any]:
 
     check_sources(sources)
     deadline = deadline_after(check_timeout(timeout))
+    if any(s.backend == _remote.BACKEND for s in sources):  # redis dispatch: select over redis sources
+        from ._redis._select import select as remote_select
+
+        return remote_select(sources, deadline)
     cores = [s._core for s in sources]
     while True:
         found = try_each(sources, next_start())

@@ -63,7 +63,13 @@ def test_quick_bench_prints_every_table(quick_run: QuickRun) -> None:
     proc = quick_run.proc
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    for title in ("#### A.", "#### B-E.", "#### F.", "against its targets (default settings)", "#### Per call"):
+    for title in (
+        "#### A.",
+        "#### B-E.",
+        "#### F.",
+        "against its targets (default settings)",
+        "#### Per call",
+    ):
         assert title in out
     for row in ("| mp.Queue |", "| mp.SimpleQueue |", "| mp.Pipe |", "| **shmchan.Queue[posix]** |"):
         assert row in out
@@ -140,3 +146,20 @@ def test_unknown_command() -> None:
         check=False,
     )
     assert proc.returncode == 2 and "bench" in proc.stderr
+
+
+@pytest.mark.timeout(180)
+def test_quick_bench_has_the_redis_rows(quick_run: QuickRun) -> None:
+    """Table R: the bench starts its own redis-server (when there is one) and removes it."""
+    import shutil
+
+    if shutil.which("redis-server") is None and shutil.which("valkey-server") is None:
+        if os.environ.get("SHMCHAN_REQUIRE_REDIS") == "1":
+            pytest.fail("redis-server is not on PATH and SHMCHAN_REQUIRE_REDIS=1")
+        pytest.skip("redis-server is not on PATH")
+    out = quick_run.proc.stdout
+    assert "#### R." in out
+    for row in ("| shmchan.Queue[redis] |", "| shmchan.Queue[redis] batch |"):
+        assert row in out
+    assert "against the targets of issue 10" in out
+    assert "redis-server on 127.0.0.1:" in quick_run.proc.stderr

@@ -48,6 +48,13 @@ def test_all_is_a_sorted_tuple_of_every_public_name() -> None:
         (shmchan.TooManyPeers, OSError),
         (shmchan.NoSpace, OSError),
         (shmchan.BackendUnavailable, ImportError),
+        (shmchan.BadURL, ValueError),
+        (shmchan.RemoteError, OSError),
+        (shmchan.RemoteUnavailable, ConnectionError),
+        (shmchan.RemoteTimeout, TimeoutError),
+        (shmchan.RemoteTimeout, ConnectionError),
+        (shmchan.RemoteAuthFailed, PermissionError),
+        (shmchan.RemoteAuthFailed, ConnectionError),
     ],
 )
 def test_errors_subclass_the_stdlib_type(cls: type, stdlib: type) -> None:

@@ -1,0 +1,1 @@
+"""Tests of the redis backend against a real redis-server (see conftest.py)."""

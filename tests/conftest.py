@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import threading
 import time
 import uuid
@@ -37,6 +38,13 @@ and POSIX semaphores (``sem.shmchan.<nonce>.*``)."""
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _GETPID = 11  # semctl command: pid of the last semop (Linux also sets it at SETVAL)
+
+# A suite started from a non-interactive shell's background job inherits SIGINT ignored,
+# and so would every child it starts (an ignored signal stays ignored across exec): the
+# Ctrl-C tests' children would never see their KeyboardInterrupt. Restore Python's own
+# handler here, so children start with the default disposition as from a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 HELPER_THREADS = ("shmchan-async-wait", "shmchan-aselect-wait")
 """Names of the async face's helper threads (each sleeps at most one wait slice)."""

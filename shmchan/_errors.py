@@ -211,8 +211,9 @@ class ChannelExists(ShmchanError, FileExistsError):
 
 
 class ChannelNotFound(ShmchanError, FileNotFoundError):
-    """Raised by ``open()`` or ``remove()`` when no channel has that name, and on a
-    sysv handle whose channel was removed."""
+    """Raised by ``open()`` or ``remove()`` when no channel has that name, on a sysv
+    handle whose channel was removed, and by an mmap ``create()`` whose directory does
+    not exist."""
 
     def __init__(self, message: str) -> None:
         super().__init__(errno.ENOENT, message)

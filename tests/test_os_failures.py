@@ -1048,3 +1048,76 @@ def test_posix_refuses_symlinks(tmp_path: Path) -> None:
     finally:
         link.unlink()
     assert target.read_bytes() == b"do not touch"
+
+
+# -- names and descriptors ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["a\udc80", "", "two/parts", "x" * 300, "nul\0byte", "jobs.S0a"],
+    ids=["surrogate", "empty", "slash", "too-long", "nul", "side-suffix"],
+)
+def test_bad_names_are_refused_up_front(backend: str, bad: str, tmp_path: Path) -> None:
+    """A name that cannot be a channel's is a ValueError before anything is made or
+    removed (a lone surrogate used to unlink semaphores, then fail on the segment)."""
+    name = str(tmp_path / bad) if backend == "mmap" and bad not in ("", "two/parts") else bad
+    if backend == "mmap" and bad == "two/parts":
+        pytest.skip("a path with a directory is an mmap channel's normal name")
+    for call in (
+        lambda: Channel.create(name, backend=backend),
+        lambda: Channel.open(name, backend=backend),
+        lambda: Channel.remove(name, backend=backend),
+        lambda: shmchan.Queue(name=name, backend=backend),
+    ):
+        with pytest.raises(ValueError):
+            call()
+    assert not os.listdir(tmp_path)
+
+
+def test_mmap_paths_that_are_not_files(tmp_path: Path) -> None:
+    """A directory, a missing directory and an over-long path are clear errors."""
+    with pytest.raises(ValueError, match="directory"):
+        Channel.create(f"{tmp_path}/", backend="mmap")
+    with pytest.raises(shmchan.ChannelExists):
+        Channel.create(str(tmp_path), backend="mmap")
+    with pytest.raises(shmchan.NotAShmchanSegment, match="directory"):
+        Channel.remove(str(tmp_path), backend="mmap")
+    with pytest.raises(shmchan.ChannelNotFound, match="does not exist"):
+        Channel.create(str(tmp_path / "missing" / "ch"), backend="mmap")
+    with pytest.raises(ValueError, match="too long"):
+        Channel.create(str(tmp_path / ("x" * 256)), backend="mmap")
+    assert tmp_path.is_dir() and not os.listdir(tmp_path)
+
+
+OUT_OF_DESCRIPTORS = """
+    import errno, os, resource, shmchan
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (48, hard))
+    made = []
+    try:
+        for i in range(100):
+            made.append(shmchan.Channel.create(f"{PREFIX}{i}", backend=BACKEND, capacity=4096))
+    except shmchan.NoSpace as exc:
+        err = exc
+    before = len(os.listdir("/proc/self/fd"))
+    for ch in made:
+        ch.close()
+        ch.unlink()
+    print(len(made), err.errno == errno.EMFILE, "ulimit" in str(err), before - len(os.listdir("/proc/self/fd")))
+"""
+
+
+@pytest.mark.parametrize("backend", ["posix", "mmap"])
+def test_running_out_of_descriptors_is_a_clear_error_and_leaves_nothing(backend: str, tmp_path: Path) -> None:
+    """Each posix or mmap handle holds one descriptor: at the limit, create raises
+    NoSpace (errno EMFILE) naming the limit, and the half-made channel is rolled back
+    (the no_leaks fixture checks /dev/shm; the mmap directory is checked here)."""
+    prefix = str(tmp_path / "ch") if backend == "mmap" else unique_name(backend) + "-"
+    res = run_child(OUT_OF_DESCRIPTORS, PREFIX=prefix, BACKEND=backend)
+    assert res.returncode == 0, res.stderr
+    made, is_emfile, names_limit, freed = res.stdout.split()
+    assert int(made) >= 25, f"only {made} channels within 48 descriptors"
+    assert (is_emfile, names_limit) == ("True", "True")
+    assert int(freed) == int(made), "one descriptor per handle, given back by close()"
+    assert not os.listdir(tmp_path)

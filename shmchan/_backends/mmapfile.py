@@ -15,7 +15,7 @@ from typing import Any
 
 from .. import _cext
 from .. import _layout as L
-from .._errors import AccessDenied, ChannelExists
+from .._errors import AccessDenied, ChannelExists, ChannelNotFound, NotAShmchanSegment
 from . import _base, _filebacked
 from ._base import CreateParams, SideMap
 
@@ -30,12 +30,20 @@ def _open(path: str, create: bool = False, permissions: int = 0o600) -> int:
     except FileExistsError as exc:
         raise ChannelExists(f"{path!r} already exists (mmap)") from exc
     except FileNotFoundError as exc:
+        if create:
+            raise ChannelNotFound(
+                f"cannot create {path!r} (mmap): directory {os.path.dirname(path)!r} does not exist"
+            ) from exc
         raise _filebacked.not_found(path, "mmap") from exc
     except PermissionError as exc:
         raise AccessDenied(f"{path!r} (mmap): permission denied") from exc
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise OSError(errno.ELOOP, f"{path!r} is a symbolic link; refusing to follow it") from exc
+        if exc.errno == errno.EISDIR:
+            raise NotAShmchanSegment(f"{path!r} is a directory, not a channel (mmap)") from exc
+        if exc.errno == errno.ENOTDIR:
+            raise _filebacked.not_found(path, "mmap") from exc
         raise _filebacked.os_error(f"opening {path!r}", exc) from exc
 
 
@@ -49,8 +57,14 @@ class MmapBackend:
         if not isinstance(path, str) or not path or "\0" in path:
             raise ValueError(f"the mmap backend needs a file path, not {name!r}")
         _base.check_encodable(path)
-        _base.check_not_side_name(os.path.basename(path))
-        return os.path.abspath(path)
+        full = os.path.abspath(path)
+        base = os.path.basename(full)
+        if not base or path.endswith("/"):
+            raise ValueError(f"the mmap backend needs a file path, not the directory {path!r}")
+        if len(base.encode()) > 255 or len(full.encode()) >= 4096:
+            raise ValueError(f"the mmap path {path!r} is too long (file names: 255 bytes, paths: 4095)")
+        _base.check_not_side_name(base)
+        return full
 
     def create(self, name: str, params: CreateParams, ctx: Any) -> _cext.Core:
         path = self.normalize_name(name)

@@ -172,4 +172,4 @@ def test_per_call_table_runs_more_calls_than_the_ring_holds() -> None:
 
     lines = percall(["posix"], 6 * PERCALL_CHUNK)
     row = lines[-1]
-    assert row.startswith("| posix |") and row.count(" ns") == 4, row
+    assert row.startswith("| posix |") and row.count(" ns |") == 4, row

@@ -15,8 +15,9 @@ event loop's thread, plus a way to wait between attempts:
   channel's waiter bitmap, and one *leader* task whose helper thread sleeps on the
   channel's event counter for at most one wait slice; every other task waits on an
   anyio Event that the leader sets when its thread returns. A thousand waiting tasks
-  cost one thread, and the thread ends within :data:`~shmchan._core.WAIT_SLICE` of its
-  last use (after cancellation or loop shutdown too). An event counter holds no token,
+  cost one thread; the thread is kept between waits (starting one costs more than a
+  round trip) and ends within two :data:`~shmchan._core.WAIT_SLICE` of its last use
+  (after cancellation or loop shutdown too). An event counter holds no token,
   so an abandoned helper thread never takes a wakeup away from anyone.
 * **Timeouts are cancel scopes** (``anyio.fail_after``, ``trio.move_on_after``,
   ``asyncio.wait_for``): the operations take no timeout argument.
@@ -33,6 +34,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -81,35 +84,81 @@ class AsyncQueueFull(Full, asyncio.QueueFull):
 # -- waiting -------------------------------------------------------------------------------
 
 
-async def _sleep_in_thread(core: Any, event: int, seen: int) -> None:
-    """Sleep until ``event``'s counter moves from ``seen``, for at most one wait slice,
-    in a short-lived thread."""
-    token = anyio.lowlevel.current_token()
-    done = anyio.Event()
-    abandoned = False
+class _Sleeper:
+    """The helper thread that sleeps on one event counter of one handle for the tasks
+    of one event loop. It is kept between waits (starting a thread costs more than a
+    whole ping-pong round trip) and ends after a wait slice without requests, so it
+    keeps neither the handle nor the loop for longer. Requests are served in order:
+    each sleeps until the counter moves from its ``seen`` or for one slice at most,
+    then has its ``wake`` called in the loop's thread, without waiting for the loop."""
 
-    def run() -> None:
-        with contextlib.suppress(Exception):  # closed meanwhile: the task's retry will say so
-            core.wait(event, seen, WAIT_SLICE)
-        if not abandoned:
+    def __init__(self, key: tuple[int, int, int], core: Any, event: int, native: Any) -> None:
+        self.key = key
+        self.core = core
+        self.event = event
+        self.native = native
+        self.call_soon: Callable[[Callable[[], object]], object] = (
+            native.call_soon_threadsafe
+            if isinstance(native, asyncio.AbstractEventLoop)
+            else native.run_sync_soon  # trio's TrioToken
+        )
+        self.requests: queue.SimpleQueue[tuple[int, Callable[[], object]]] = queue.SimpleQueue()
+
+    def run(self) -> None:
+        while True:
+            try:
+                seen, wake = self.requests.get(timeout=WAIT_SLICE)
+            except queue.Empty:
+                with _sleepers_lock:
+                    if self.requests.empty():  # idle: requests from now on start a new one
+                        if _sleepers.get(self.key) is self:
+                            del _sleepers[self.key]
+                        return
+                continue
+            with contextlib.suppress(Exception):  # closed meanwhile: the task's retry says so
+                self.core.wait(self.event, seen, WAIT_SLICE)
             with contextlib.suppress(Exception):  # the event loop may have gone away
-                anyio.from_thread.run_sync(done.set, token=token)
+                self.call_soon(wake)
 
-    threading.Thread(target=run, name="shmchan-async-wait", daemon=True).start()
-    try:
-        await done.wait()
-    except BaseException:
-        abandoned = True
-        raise
+
+_sleepers: dict[tuple[int, int, int], _Sleeper] = {}
+_sleepers_lock = threading.Lock()
+
+
+def _sleep_request(core: Any, event: int, native: Any, seen: int, wake: Callable[[], object]) -> None:
+    """Have ``wake`` called in the loop once ``event``'s counter moved from ``seen``, or
+    after at most one wait slice."""
+    key = (id(core), event, id(native))
+    with _sleepers_lock:
+        sleeper = _sleepers.get(key)
+        start = sleeper is None or sleeper.core is not core or sleeper.native is not native
+        if start:
+            sleeper = _sleepers[key] = _Sleeper(key, core, event, native)
+        assert sleeper is not None
+        sleeper.requests.put((seen, wake))
+    if start:
+        threading.Thread(target=sleeper.run, name="shmchan-async-wait", daemon=True).start()
+
+
+def _forget_after_fork() -> None:
+    """A forked child has none of the parent's threads (nor its event loops)."""
+    global _sleepers_lock
+    _sleepers_lock = threading.Lock()
+    _sleepers.clear()
+    _gates.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 class _Gate:
     """The tasks of one event loop waiting on one event of one channel handle."""
 
-    def __init__(self, core: Any, event: int, key: tuple[int, int, int]) -> None:
+    def __init__(self, core: Any, event: int, key: tuple[int, int, int], native: Any) -> None:
         self.core = core
         self.event = event
         self.key = key
+        self.native = native
         self.refs = 0
         self.leader = False
         self.round = anyio.Event()
@@ -136,7 +185,9 @@ class _Gate:
             return
         self.leader = True
         try:
-            await _sleep_in_thread(self.core, self.event, seen)
+            done = anyio.Event()
+            _sleep_request(self.core, self.event, self.native, seen, done.set)
+            await done.wait()
         finally:
             self.leader = False
             finished, self.round = self.round, anyio.Event()
@@ -151,7 +202,7 @@ def _gate(core: Any, event: int) -> _Gate:
     key = (id(core), event, id(loop))
     entry = _gates.get(key)
     if entry is None or entry[0] is not core or entry[1] is not loop:
-        entry = _gates[key] = (core, loop, _Gate(core, event, key))
+        entry = _gates[key] = (core, loop, _Gate(core, event, key, loop))
     return entry[2]
 
 

@@ -283,13 +283,13 @@ async def test_fast_path_costs_no_thread(
     from shmchan import _async
 
     hops: list[int] = []
-    original = _async._sleep_in_thread
+    original = _async._sleep_request
 
-    async def counting(*args: Any) -> None:
+    def counting(*args: Any) -> None:
         hops.append(1)
-        await original(*args)
+        original(*args)
 
-    monkeypatch.setattr(_async, "_sleep_in_thread", counting)
+    monkeypatch.setattr(_async, "_sleep_request", counting)
     with queue_named(backend, name) as q:
         for i in range(200):
             await q.async_q.put(i)

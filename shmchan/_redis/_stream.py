@@ -187,6 +187,8 @@ class StreamCore:
         self._buffer: collections.deque[Record] = collections.deque()
         self._held: collections.deque[bytes] = collections.deque()  # handed out, not yet done
         self._lock = threading.Lock()
+        self._backlog = False  # the last take found records already waiting (see take)
+        self._first: list[Any] = []  # the statuses of one take_or_wait, as they arrive
         self.renew_every = lease / 3
         C.on_fork(self)
 
@@ -260,22 +262,36 @@ class StreamCore:
                 return self._from_buffer(count)
         while True:
             left = _remaining(deadline)
-            if left is not None and left < 0.001:
+            expired = left is not None and left < 0.001
+            if expired or self._backlog:
+                # A plain TAKE, one command: once the deadline has passed, and while
+                # takes keep finding records already waiting (a backlog), where the
+                # pipelined wait would only add a BLPOP and a second TAKE that skips.
+                # The first take that finds nothing goes back to the pipelined wait.
                 with C.no_interrupt():  # an interrupt is raised once the records are kept
                     reply = self.script("take", self.take_args(count, eof), deadline)
                     self._keep(reply)
+                self._backlog = reply[0] == L.OK
             else:
                 seconds = C.SLICE if left is None else min(left, C.SLICE)
                 args = self.take_args(count, eof)
-                reply = self.server.take_or_wait(self.wake_keys, args, seconds, deadline, self._keep)
+                self._first.clear()
+                reply = self.server.take_or_wait(self.wake_keys, args, seconds, deadline, self._keep_first)
+                self._backlog = bool(self._first) and self._first[0] == L.OK
             status = reply[0]
             if status == L.OK:
                 with self._lock:
                     return self._from_buffer(count)
             if status != 0:
                 self.check(status)
-            if left is not None and left < 0.001:
+            if expired:
                 return []
+
+    def _keep_first(self, reply: list[Any]) -> None:
+        """:meth:`_keep`, noting the status of each TAKE of the pipeline in order (the
+        first one's says whether records were waiting before the BLPOP)."""
+        self._first.append(reply[0])
+        self._keep(reply)
 
     def _keep(self, reply: list[Any]) -> None:
         """Put the records of a TAKE reply in the buffer (before anything can interrupt)."""

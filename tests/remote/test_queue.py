@@ -74,6 +74,42 @@ def test_a_get_that_can_answer_does_not_wait(url: str) -> None:
     q.close()
 
 
+def test_a_backlog_is_taken_one_command_per_get(url: str) -> None:
+    """While gets find records already waiting, each is one plain TAKE: no BLPOP (the
+    server's command counters tell). The first get that finds nothing goes back to
+    waiting, and is woken by a put."""
+    import redis
+
+    server = redis.Redis.from_url(url)
+    q: Queue[int] = Queue(backend="redis", url=url)
+    q.put_many(range(200))
+
+    def blpops() -> int:
+        stats: dict[str, Any] = server.info("commandstats")
+        return int(stats.get("cmdstat_blpop", {}).get("calls", 0))
+
+    before = blpops()
+    assert [q.get(timeout=5) for _ in range(200)] == list(range(200))
+    assert blpops() - before <= 1  # the first get's pipeline only
+    with pytest.raises(shmchan.Empty):
+        q.get(timeout=0.2)
+    waiting = threading.Event()
+    got: list[int] = []
+
+    def consume() -> None:
+        waiting.set()
+        got.append(q.get(timeout=10))
+
+    t = threading.Thread(target=consume)
+    t.start()
+    waiting.wait(5)
+    q.put(7)
+    t.join(10)
+    assert got == [7]
+    server.close()
+    q.close()
+
+
 def test_timeouts_and_non_blocking(url: str) -> None:
     q: Queue[int] = Queue(1, backend="redis", url=url)
     with pytest.raises(shmchan.Empty):

@@ -1398,6 +1398,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
+    # The children import NumPy (workload E); its BLAS thread pool would otherwise spin on
+    # two cores beside the queues it has no part in. Every peer runs with this setting.
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
     peers = all_peers()
     chosen = _select(peers, args.peer, _peer_is)
     report = Report(

@@ -14,6 +14,7 @@ import pickle
 import signal
 import sys
 import textwrap
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -278,6 +279,60 @@ def test_side_segments_go_away_with_the_queue(backend: str) -> None:
         assert len(side_objects(q)) == 3
     finally:
         q.close()  # the last holder: the queue and its three side objects go
+    wait_clean(baseline)
+
+
+def test_big_puts_with_no_reader_at_work_go_on_with_transient_entries(backend: str) -> None:
+    """Once every retained side entry holds an unread message, a big put waits for one
+    only while readers are at work: with none, it soon makes a transient entry (no
+    hang, and put_nowait does not wait at all); everything arrives, and the transient
+    objects go as they are read."""
+    baseline = snapshot()
+    q: shmchan.Queue[bytes] = shmchan.Queue(backend=backend, capacity=4096)
+    try:
+        retained = q._core.side_retained
+        items = [bytes([i]) * 20_000 for i in range(retained + 4)]
+        start = time.monotonic()
+        for item in items[:-1]:
+            q.put(item, timeout=30)
+        q.put_nowait(items[-1])
+        assert time.monotonic() - start < 10  # a few ms of grace per put, never a hang
+        states = [e["state"] for e in side_entries(q)]
+        assert states.count("queued") == len(items)
+        assert all(states[i] == "queued" for i in range(retained))
+        assert len(side_objects(q)) == len(items)
+        assert [q.get(timeout=5) for _ in items] == items
+        assert side_objects(q) == set(range(retained))  # transient objects are read once
+    finally:
+        q.close()
+    wait_clean(baseline)
+
+
+def test_a_stream_of_big_messages_through_a_busy_pool(backend: str) -> None:
+    """A writer that is ahead of its reader (the pool's retained entries all in use, a
+    reader copying out) waits for entries or makes transient ones; either way every
+    message arrives whole and in order, and only the retained objects stay."""
+    baseline = snapshot()
+    q: shmchan.Queue[bytes] = shmchan.Queue(backend=backend, capacity=4096)
+    n = 60
+    got: list[bytes] = []
+
+    def read() -> None:
+        for _ in range(n):
+            got.append(q.get(timeout=30))
+
+    try:
+        reader = threading.Thread(target=read)
+        reader.start()
+        items = [bytes([i % 251]) * (20_000 + i) for i in range(n)]
+        for item in items:
+            q.put(item, timeout=30)
+        reader.join(60)
+        assert not reader.is_alive()
+        assert got == items
+        assert side_objects(q) <= set(range(q._core.side_retained))
+    finally:
+        q.close()
     wait_clean(baseline)
 
 

@@ -38,6 +38,8 @@
 #define GIL_FREE_BYTES (64 * 1024)
 #define PYERR (-1000) /* internal: a Python exception is set */
 #define LOCK_GRACE 0.005 /* a non-blocking call may wait this long for a lock */
+#define SIDE_RETAINED_WAIT 0.005 /* a big put may wait this long for a retained side entry, */
+#define SIDE_IDLE_GRACE 0.001    /* or this long when no reader is at work */
 
 /* Binding flags (the library's own are 1..8). */
 #define F_RAW 0x10      /* bytes in, bytes out: no pickling */
@@ -957,6 +959,32 @@ static PyObject *Core_side_claim(CoreObject *self, PyObject *arg) {
     shmchan_chan *c = &self->c;
     PyObject *result = NULL;
     int reclaimed = 0;
+    int reading;
+    if (shmchan_side_retained_busy(c, &reading)) {
+        /* Every retained entry is in use. While readers are at work (one is copying an
+         * entry out, or the get count moved), wait a little for a retained entry to be
+         * freed rather than make, fill and remove a transient object, which costs the
+         * writer and the reader more than the copy itself. Bounded by the deadline and
+         * SIDE_RETAINED_WAIT; with no reader at work for SIDE_IDLE_GRACE, or a reader
+         * stopped mid-copy, the writer goes on with a transient entry. */
+        double start = shmchan_now(), until = start + SIDE_RETAINED_WAIT;
+        if (deadline >= 0 && deadline < until) until = deadline;
+        uint64_t got = shmchan_got_total(c);
+        Py_BEGIN_ALLOW_THREADS
+        struct timespec pause = {0, 20000};
+        for (;;) {
+            double now = shmchan_now();
+            if (now >= until) break;
+            if (now >= start + SIDE_IDLE_GRACE && !reading && shmchan_got_total(c) == got) break;
+            nanosleep(&pause, NULL);
+            if (!shmchan_side_retained_busy(c, &reading)) break;
+        }
+        Py_END_ALLOW_THREADS
+        if (PyErr_CheckSignals() < 0) {
+            leave(self);
+            return NULL; /* nothing claimed yet: the call had no effect */
+        }
+    }
     for (;;) {
         uint32_t index, ticket;
         int rc = shmchan_side_claim(c, &index, &ticket);

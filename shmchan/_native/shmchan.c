@@ -1234,6 +1234,19 @@ int shmchan_side_claim(shmchan_chan *c, uint32_t *index, uint32_t *ticket) {
     return SHMCHAN_FULL;
 }
 
+int shmchan_side_retained_busy(shmchan_chan *c, int *reading) {
+    int busy = c->side_retained > 0;
+    *reading = 0;
+    for (uint32_t i = 0; i < c->side_slots; i++) {
+        /* S1 (read only): an acquire load of the entry's state word; nothing is written. */
+        uint64_t s = atomic_load_explicit(side_state(c, i), memory_order_acquire);
+        uint32_t st = SIDE_ST(s);
+        if (i < c->side_retained && st == SHMCHAN_SIDE_FREE) busy = 0;
+        if (st == SHMCHAN_SIDE_READING && !side_owner_dead(c, SIDE_OWNER(s))) *reading = 1;
+    }
+    return busy;
+}
+
 /* With the write lock held: entries left WRITING by writers that died before queueing
  * them are nobody's (a writer that died while queueing held the lock, and its journal was
  * resolved when we took the lock over). */

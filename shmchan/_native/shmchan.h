@@ -403,6 +403,12 @@ int shmchan_role_gone(shmchan_chan *c, int role);
 /* Claim a FREE entry (or one whose owner died, when nothing is free) for writing:
  * SHMCHAN_OK with the entry's index and ticket, or SHMCHAN_FULL when every entry is in use. */
 int shmchan_side_claim(shmchan_chan *c, uint32_t *index, uint32_t *ticket);
+/* 1 when every retained entry (index < side_retained) is in use, 0 when one is FREE or
+ * there are none; *reading is set to 1 when a live reader is copying an entry out
+ * (READING). A hint for a writer deciding between waiting for a retained entry (whose
+ * object is made and mapped) and making a transient one; acquire loads only, and the
+ * answer may be stale at once. */
+int shmchan_side_retained_busy(shmchan_chan *c, int *reading);
 /* With the write lock held: free entries left WRITING by writers that died before queueing
  * them (then call shmchan_side_claim again). */
 void shmchan_side_reclaim(shmchan_chan *c);

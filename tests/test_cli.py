@@ -526,6 +526,58 @@ def test_side_segments_in_flight_and_orphaned(backend: str, chan_name: str, tmp_
         assert [p for p in directory.iterdir() if p.name.startswith(os.path.basename(chan_name))] == []
 
 
+def test_rm_removes_the_side_segments_with_the_channel(backend: str, chan_name: str) -> None:
+    """``rm`` of a channel with a message in a side segment removes the segment, its
+    semaphores and the side object, and says so."""
+    _queue_big(chan_name, backend)
+    ref = ref_of(backend, chan_name)
+    [side] = stat_json(ref, "--backend", backend)["side_objects"]
+    rc, out, err = cli("rm", ref, "--backend", backend)
+    assert rc == 0, err
+    assert out.startswith("removed") and ("S00" in out or backend == "sysv")  # says what went
+    assert not exists(backend, chan_name)
+    if backend == "sysv":
+        assert sysv_sems(chan_name) == [None, None]
+        assert _cext.shm_lookup(sysv_key("/" + chan_name, L.side_suffix(side["index"])[1:])) is None
+    else:
+        directory = Path(chan_name).parent if backend == "mmap" else DEV_SHM
+        assert [p for p in directory.iterdir() if p.name.startswith(os.path.basename(chan_name))] == []
+    rc, _, err = cli("stat", ref, "--backend", backend)
+    assert rc == 1 and "no such channel" in err
+
+
+@pytest.mark.parametrize("backend", ["posix"])
+def test_rm_of_several_names_reports_a_partial_failure(chan_name: str) -> None:
+    """``rm A B`` where B does not exist removes A and exits 1 (partial), naming B."""
+    missing = chan_name + "-missing"
+    shmchan.Channel.create(chan_name, capacity=1 << 14, backend="posix").close()
+    rc, _, err = cli("rm", "/" + chan_name, "/" + missing, "--backend", "posix")
+    assert rc == 1 and missing in err and "no such channel" in err
+    assert not exists("posix", chan_name)
+
+
+@pytest.mark.parametrize("backend", ["posix"])
+def test_ls_without_options_looks_at_every_backend(chan_name: str, tmp_path: Path) -> None:
+    """Plain ``ls`` scans every installed backend: a posix channel and a sysv channel are
+    listed with their backends, and an mmap file in /dev/shm (the default directory) is
+    listed too, as posix: the same kind of file in the same place (docs/cli.md)."""
+    sysv_name = unique_name("sysv")
+    mmap_path = str(DEV_SHM / f"{chan_name}-mmap")
+    made = [("posix", chan_name), ("sysv", sysv_name), ("mmap", mmap_path)]
+    try:
+        for b, n in made:
+            shmchan.Channel.create(n, capacity=1 << 14, backend=b).close()
+        listed = {(e["backend"], e["ref"]) for e in ls()}
+        assert ("posix", "/" + chan_name) in listed
+        assert ("posix", "/" + os.path.basename(mmap_path)) in listed
+        assert any(b == "sysv" for b, _ in listed)  # by key: its name is a hash
+        assert ("sysv", "/" + sysv_name) in {(e["backend"], e["ref"]) for e in ls("--name", sysv_name)}
+    finally:
+        for b, n in made:
+            with contextlib.suppress(shmchan.ChannelNotFound):
+                shmchan.Channel.remove(n, backend=b)
+
+
 @pytest.mark.parametrize("backend", ["posix"])
 def test_side_shaped_names_that_are_not_side_objects_stay(chan_name: str) -> None:
     odd = DEV_SHM / f"{chan_name}.S00"
@@ -728,6 +780,16 @@ def test_top_once_shows_rates(chan_name: str) -> None:
         [row] = [line.split() for line in out.splitlines() if line.startswith("/" + chan_name)]
         header = next(line.split() for line in out.splitlines() if line.startswith("NAME"))
         assert float(row[header.index("PUT/s")]) > 0 and float(row[header.index("GOT/s")]) > 0
+        # Depth and waiters: three messages queued, nobody waiting.
+        for _ in range(3):
+            ch.send_bytes(b"q")
+        rc, out, _ = cli("top", "--once", "--interval", "0.1", "--backend", "posix")
+        [row] = [line.split() for line in out.splitlines() if line.startswith("/" + chan_name)]
+        header = next(line.split() for line in out.splitlines() if line.startswith("NAME"))
+        listed = entry("/" + chan_name, "--backend", "posix")
+        assert listed is not None and listed["queued_messages"] >= 3
+        assert row[header.index("DEPTH")] == str(listed["queued_messages"])
+        assert row[header.index("PWAIT")] == "0" and row[header.index("CWAIT")] == "0"
         rc, out, _ = cli("top", "--count", "2", "--interval", "0.1", "--backend", "posix")
         assert rc == 0 and out.count("shmchan top") == 2
 

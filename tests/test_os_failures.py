@@ -955,6 +955,43 @@ def test_open_refuses_a_channel_of_another_user(backend: str, name: str) -> None
             assert ch.recv_bytes_nowait() == b"from a friend"
 
 
+SQUATTER = """
+    import os, pickle
+    import shmchan
+    # Everything imported first: root's interpreter is not readable by nobody. A throwaway
+    # channel loads the backend's modules.
+    shmchan.Channel.create(NAME + "-warm", capacity=4096, backend=BACKEND).close()
+    shmchan.Channel.remove(NAME + "-warm", backend=BACKEND)
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (MARKER, "w"))  # runs in whoever unpickles it
+
+    ch = shmchan.Channel.create(NAME, capacity=4096, backend=BACKEND, permissions=0o666)
+    ch.send(Payload())
+    ch.close()  # the channel stays, waiting for its victim
+    print("squatted", flush=True)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the squatter runs as nobody (uid 65534)")
+def test_a_squatted_name_with_a_crafted_pickle_is_refused(backend: str, name: str, tmp_path: Path) -> None:
+    """As issue 9 reproduced it: nobody creates the name first, mode 0666, with a pickle
+    that runs code when loaded. Opening it as root is refused (UntrustedChannel: owner
+    and mode), as a Channel and as a Queue, and the pickle never runs."""
+    marker = tmp_path / "the-pickle-ran"
+    res = run_child(SQUATTER, timeout=60, NAME=name, BACKEND=backend, MARKER=str(marker))
+    assert res.returncode == 0 and "squatted" in res.stdout, res.stderr
+    for opener in (Channel.open, shmchan.Queue.open):
+        with pytest.raises(shmchan.UntrustedChannel, match="uid 65534") as err:
+            opener(name, backend=backend)
+        assert "allow_foreign" in str(err.value)  # says how to allow it deliberately
+    assert not marker.exists()
+
+
 def test_a_side_object_others_may_write_is_not_read(backend: str, name: str) -> None:
     """A side object must belong to the channel's owner with no more permissions: a
     receiver refuses one that others may write (UntrustedChannel); the message is

@@ -91,3 +91,21 @@ def test_backends() -> None:
     assert shmchan.BACKENDS == ("posix", "sysv", "mmap")
     assert shmchan.DEFAULT_BACKEND == "posix"
     assert set(shmchan.available_backends()) <= set(shmchan.BACKENDS)
+
+
+def test_every_package_is_in_the_distribution() -> None:
+    """pyproject.toml lists the packages a wheel carries: every directory of shmchan/
+    with an ``__init__.py`` must be there (a missing one works in an editable install
+    and is absent from a user's)."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(shmchan.__file__).resolve().parent
+    with open(root.parent / "pyproject.toml", "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(p.parent.relative_to(root.parent).parts)
+        for p in root.rglob("__init__.py")
+        if "__pycache__" not in p.parts
+    }
+    assert found == listed

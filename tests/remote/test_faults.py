@@ -158,12 +158,19 @@ def test_unresponsive_server_honours_every_timeout(own_server: RedisServer) -> N
     # lease would expire the (unnamed) queue before it answers again.
     q: Queue[int] = Queue(1, backend="redis", url=own_server.url, lease=60)
     q.put(0)
+    ch = Channel.create(unique("ch"), backend="redis", url=own_server.url, lease=60)
+    ch.send(0)
     own_server.pause()  # accepts connections, answers nothing
     try:
         for call, timeout in (
             (lambda: q.get(timeout=0.3), 0.3),
             (lambda: q.put(1, timeout=0.3), 0.3),
             (q.get_nowait, 0.0),
+            (lambda: q.get_many(10, timeout=0.3), 0.3),
+            (lambda: q.put_many([1, 2], timeout=0.3), 0.3),
+            (lambda: ch.send(1, timeout=0.3), 0.3),
+            (lambda: ch.recv(timeout=0.3), 0.3),
+            (lambda: shmchan.select(q, ch, timeout=0.3), 0.3),
             (lambda: Queue.open(q.name, backend="redis", url=own_server.url), 5.0),
         ):
             start = time.monotonic()
@@ -186,7 +193,10 @@ def test_unresponsive_server_honours_every_timeout(own_server: RedisServer) -> N
     finally:
         own_server.resume()
     assert q.get(timeout=5) == 0  # usable again once the server answers
+    assert ch.recv(timeout=5) == 0
     q.close()
+    ch.unlink()
+    ch.close()
 
 
 def test_server_restarted_without_its_data(own_server: RedisServer) -> None:

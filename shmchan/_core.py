@@ -135,44 +135,39 @@ def _decode_slow(core: _cext.Core, rtype: int, payload: bytes | bytearray, raw: 
 
 
 def _side_prepare(
-    core: _cext.Core, n: int, parts: list[tuple[int, memoryview]], deadline: float | None
-) -> Any:
-    """Put a message of ``n`` bytes (the ``parts``) into a side entry: claim one (waiting
-    until ``deadline`` while every entry is in use), make sure its object is large
-    enough, and copy the message in. ``(index, ticket, size, file_gen)``, or None when
-    the deadline passed. On error the entry is released."""
-    claim = core.side_claim(deadline)
-    if claim is None:
-        return None
+    core: _cext.Core, n: int, parts: list[tuple[int, memoryview]], claim: tuple[int, int, int, int]
+) -> tuple[int, int, int, int]:
+    """Put a message of ``n`` bytes (the ``parts``) into side entry ``claim`` =
+    ``(index, ticket, size, file_gen)``, which the core claimed for it: make sure the
+    entry's object is large enough, and copy the message in. Returns the claim with the
+    object's size and generation. The core releases the entry if this raises (whatever
+    the exception, a Ctrl-C included), so nothing here needs to."""
     index, ticket, size, file_gen = claim
     ctx: Ctx = core.ctx
-    try:
-        side = ctx.backend.side_open(ctx.name, index, ctx.trust, ctx.sides.get(index)) if size else None
-        if side is None or side.size < n or (side.size > 4 * n and side.size > SIDE_SHRINK_ABOVE):
-            ctx.sides.pop(index, None)
-            file_gen = (file_gen + 1) & 0xFFFFFFFF
-            core.side_set_file(index, ticket, 0, file_gen)  # no object while we replace it
-            want = max(SIDE_GRANULE, -(-n // SIDE_GRANULE) * SIDE_GRANULE)
-            side = ctx.backend.side_create(ctx.name, index, want, ctx.permissions)
-        if side.size != size:
-            core.side_set_file(index, ticket, side.size, file_gen)
-        if index < core.side_retained:
-            ctx.sides[index] = side  # kept and reused; a transient object is read once
-        view = side.view
-        for off, part in parts:
-            view[off : off + part.nbytes] = part
-    except BaseException:
-        core.side_release(index, ticket)
-        raise
+    side = ctx.backend.side_open(ctx.name, index, ctx.trust, ctx.sides.get(index)) if size else None
+    if side is None or side.size < n or (side.size > 4 * n and side.size > SIDE_SHRINK_ABOVE):
+        ctx.sides.pop(index, None)
+        file_gen = (file_gen + 1) & 0xFFFFFFFF
+        core.side_set_file(index, ticket, 0, file_gen)  # no object while we replace it
+        want = max(SIDE_GRANULE, -(-n // SIDE_GRANULE) * SIDE_GRANULE)
+        side = ctx.backend.side_create(ctx.name, index, want, ctx.permissions)
+    if side.size != size:
+        core.side_set_file(index, ticket, side.size, file_gen)
+    if index < core.side_retained:
+        ctx.sides[index] = side  # kept and reused; a transient object is read once
+    view = side.view
+    for off, part in parts:
+        view[off : off + part.nbytes] = part
     return index, ticket, side.size, file_gen
 
 
 def _side_read(
     core: _cext.Core, index: int, ticket: int, size: int, file_gen: int, inner: int, raw: bool
 ) -> Any:
-    """Copy a message out of side entry ``index`` (which this handle took from the ring),
-    free the entry, and decode the copy. The entry is freed whatever happens: the
-    message belongs to this receiver once its record was taken."""
+    """Copy a message out of side entry ``index`` (which this handle took from the ring)
+    and decode the copy; a transient entry's object is removed once read. The core frees
+    the entry after this returns or raises (a Ctrl-C included): the message belongs to
+    this receiver once its record was taken."""
     ctx: Ctx = core.ctx
     transient = index >= core.side_retained
     try:
@@ -189,11 +184,9 @@ def _side_read(
             ctx.sides[index] = side
     finally:
         if transient:
-            # A transient entry's object goes as soon as it is read (docs/layout.md 2.5).
+            # A transient entry's object goes as soon as it is read (docs/layout.md 2.5);
+            # if this is cut short, the next writer of the entry replaces the object.
             ctx.backend.side_remove(ctx.name, index)
-            core.side_drop(index, ticket)
-        else:
-            core.side_done(index, ticket)
     if inner == L.RT_BYTES:
         return payload
     if inner == L.RT_PICKLE and not raw:

@@ -379,66 +379,85 @@ static int encode(CoreObject *self, PyObject *obj, int raw, enc_t *e) {
     return 0;
 }
 
-/* Write a big message into a side entry (Python: claim, size, map, copy). Returns 1 when
- * prepared, 0 when the deadline passed first, -1 on error. */
+static PyObject *Core_side_claim(CoreObject *self, PyObject *arg);
+
+/* Write a big message into a side entry: the entry is claimed here (waiting until the
+ * deadline), then the Python hook makes sure its object is large enough and copies the
+ * message in. Returns 1 when prepared, 0 when the deadline passed first, -1 on error.
+ * If the hook raises (a Ctrl-C can land anywhere in Python code), the entry is released
+ * here: no exception can leave it WRITING for the life of this process. */
 static int side_prepare(CoreObject *self, enc_t *e, double deadline) {
-    PyObject *parts = PyList_New((Py_ssize_t)e->nparts);
-    if (!parts) return -1;
-    for (size_t i = 0; i < e->nparts; i++) {
-        PyObject *mv = PyMemoryView_FromMemory((char *)e->parts[i].p, (Py_ssize_t)e->parts[i].n, PyBUF_READ);
-        PyObject *pair = mv ? Py_BuildValue("(KN)", (unsigned long long)e->parts[i].off, mv) : NULL;
-        if (!pair) {
-            Py_DECREF(parts);
-            return -1;
-        }
-        PyList_SET_ITEM(parts, (Py_ssize_t)i, pair);
-    }
     PyObject *dl = deadline < 0 ? Py_NewRef(Py_None) : PyFloat_FromDouble(deadline);
-    PyObject *nobj = PyLong_FromUnsignedLongLong(e->n);
-    PyObject *res = NULL;
-    if (dl && nobj) {
-        PyObject *args[4] = {(PyObject *)self, nobj, parts, dl};
-        res = PyObject_Vectorcall(H_side_prepare, args, 4, NULL);
-    }
-    Py_XDECREF(dl);
-    Py_XDECREF(nobj);
-    /* The views point into our parts: they must not outlive this call. The hook's
-     * exception (if any) is kept aside meanwhile, so that it is the one raised. */
-#if PY_VERSION_HEX >= 0x030C0000
-    PyObject *pending = PyErr_GetRaisedException();
-#else
-    PyObject *ptype, *pvalue, *ptb;
-    PyErr_Fetch(&ptype, &pvalue, &ptb);
-#endif
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(parts); i++) {
-        PyObject *mv = PyTuple_GET_ITEM(PyList_GET_ITEM(parts, i), 1);
-        PyObject *r = PyObject_CallMethod(mv, "release", NULL);
-        if (!r) PyErr_Clear();
-        Py_XDECREF(r);
-    }
-#if PY_VERSION_HEX >= 0x030C0000
-    PyErr_SetRaisedException(pending);
-#else
-    PyErr_Restore(ptype, pvalue, ptb);
-#endif
-    Py_DECREF(parts);
-    if (!res) return -1;
-    if (res == Py_None) {
-        Py_DECREF(res);
+    if (!dl) return -1;
+    PyObject *claim = Core_side_claim(self, dl);
+    Py_DECREF(dl);
+    if (!claim) return -1;
+    if (claim == Py_None) {
+        Py_DECREF(claim);
         return 0;
     }
     unsigned int index, ticket, file_gen;
     unsigned long long size;
-    int ok = PyArg_ParseTuple(res, "IIKI", &index, &ticket, &size, &file_gen);
-    Py_DECREF(res);
-    if (!ok) return -1;
+    if (!PyArg_ParseTuple(claim, "IIKI", &index, &ticket, &size, &file_gen)) {
+        Py_DECREF(claim);
+        return -1;
+    }
+    PyObject *res = NULL;
+    PyObject *parts = PyList_New((Py_ssize_t)e->nparts);
+    for (size_t i = 0; parts && i < e->nparts; i++) {
+        PyObject *mv = PyMemoryView_FromMemory((char *)e->parts[i].p, (Py_ssize_t)e->parts[i].n, PyBUF_READ);
+        PyObject *pair = mv ? Py_BuildValue("(KN)", (unsigned long long)e->parts[i].off, mv) : NULL;
+        if (!pair) {
+            Py_CLEAR(parts);
+            break;
+        }
+        PyList_SET_ITEM(parts, (Py_ssize_t)i, pair);
+    }
+    PyObject *nobj = parts ? PyLong_FromUnsignedLongLong(e->n) : NULL;
+    if (nobj) {
+        PyObject *args[4] = {(PyObject *)self, nobj, parts, claim};
+        res = PyObject_Vectorcall(H_side_prepare, args, 4, NULL);
+    }
+    Py_XDECREF(nobj);
+    Py_DECREF(claim);
+    if (parts) {
+        /* The views point into our parts: they must not outlive this call. The hook's
+         * exception (if any) is kept aside meanwhile, so that it is the one raised. */
+#if PY_VERSION_HEX >= 0x030C0000
+        PyObject *pending = PyErr_GetRaisedException();
+#else
+        PyObject *ptype, *pvalue, *ptb;
+        PyErr_Fetch(&ptype, &pvalue, &ptb);
+#endif
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(parts); i++) {
+            PyObject *mv = PyTuple_GET_ITEM(PyList_GET_ITEM(parts, i), 1);
+            PyObject *r = PyObject_CallMethod(mv, "release", NULL);
+            if (!r) PyErr_Clear();
+            Py_XDECREF(r);
+        }
+#if PY_VERSION_HEX >= 0x030C0000
+        PyErr_SetRaisedException(pending);
+#else
+        PyErr_Restore(ptype, pvalue, ptb);
+#endif
+        Py_DECREF(parts);
+    }
+    unsigned int got_index = 0, got_ticket = 0;
+    int ok = res && PyArg_ParseTuple(res, "IIKI", &got_index, &got_ticket, &size, &file_gen) &&
+             got_index == index && got_ticket == ticket;
+    if (res && !ok && !PyErr_Occurred())
+        PyErr_Format(PyExc_SystemError, "side_prepare hook returned another entry than it was given");
+    Py_XDECREF(res);
+    if (!ok) {
+        if (!self->finalized) shmchan_side_release(&self->c, index, ticket);
+        return -1;
+    }
     e->ref.index = index;
     e->ref.ticket = ticket;
     e->ref.size = e->n;
     e->ref.file_gen = file_gen;
     e->ref.inner_type = e->type;
     e->prepared = 1;
-    (void)size;
     return 1;
 }
 
@@ -586,10 +605,20 @@ static PyObject *decode(CoreObject *self, uint32_t type, PyObject *payload, int 
     return obj;
 }
 
+/* A side record this handle took: the Python hook copies the message out (and removes a
+ * transient entry's object) and decodes it; the entry is freed here, in C, whatever the
+ * hook did or raised, so that a Ctrl-C landing anywhere in it cannot leave the entry
+ * READING for the life of this process. The message is this receiver's either way. */
 static PyObject *read_side(CoreObject *self, const shmchan_side_ref *ref, int raw) {
     PyObject *res = PyObject_CallFunction(H_side_read, "OIIKIIO", (PyObject *)self, ref->index, ref->ticket,
                                           (unsigned long long)ref->size, ref->file_gen, ref->inner_type,
                                           raw ? Py_True : Py_False);
+    if (!self->finalized) {
+        if (ref->index >= self->c.side_retained)
+            shmchan_side_drop(&self->c, ref->index, ref->ticket); /* its object went (or goes) */
+        else
+            shmchan_side_done(&self->c, ref->index, ref->ticket);
+    }
     return res;
 }
 

@@ -135,15 +135,25 @@ def _decode_slow(core: _cext.Core, rtype: int, payload: bytes | bytearray, raw: 
 
 
 def _side_prepare(
-    core: _cext.Core, n: int, parts: list[tuple[int, memoryview]], claim: tuple[int, int, int, int]
+    core: _cext.Core,
+    n: int,
+    parts: list[tuple[int, memoryview]],
+    claim: tuple[int, int, int, int],
+    dead: tuple[int, ...],
 ) -> tuple[int, int, int, int]:
     """Put a message of ``n`` bytes (the ``parts``) into side entry ``claim`` =
     ``(index, ticket, size, file_gen)``, which the core claimed for it: make sure the
     entry's object is large enough, and copy the message in. Returns the claim with the
     object's size and generation. The core releases the entry if this raises (whatever
-    the exception, a Ctrl-C included), so nothing here needs to."""
-    index, ticket, size, file_gen = claim
+    the exception, a Ctrl-C included), so nothing here needs to.
+
+    ``dead``: transient entries whose reader died holding them, which the core took over
+    so that their objects go now (it frees them afterwards, whatever happens here)."""
     ctx: Ctx = core.ctx
+    for gone in dead:
+        ctx.sides.pop(gone, None)
+        ctx.backend.side_remove(ctx.name, gone)
+    index, ticket, size, file_gen = claim
     side = ctx.backend.side_open(ctx.name, index, ctx.trust, ctx.sides.get(index)) if size else None
     if side is None or side.size < n or (side.size > 4 * n and side.size > SIDE_SHRINK_ABOVE):
         ctx.sides.pop(index, None)

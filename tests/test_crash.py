@@ -22,7 +22,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from helpers.children import Child, child, proc_state, side_entries, wait_until
+from helpers.children import Child, child, proc_state, side_entries, side_objects, wait_until
 
 import shmchan
 from shmchan import _cext
@@ -358,6 +358,40 @@ def test_sigint_storm_never_leaves_a_lock_held(backend: str, name: str) -> None:
     finally:
         q.close()
         q.unlink()
+
+
+def test_side_objects_of_dead_readers_go_with_the_next_large_send(backend: str, name: str) -> None:
+    """Consumers SIGKILLed just after taking a message held in a transient side entry
+    leave that entry READING and its object in place; the next large send takes such
+    entries over, removes their objects and frees them, so killed consumers do not pile
+    objects up until the channel is removed."""
+    q: shmchan.JoinableQueue[bytes] = shmchan.JoinableQueue(name=name, backend=backend, capacity=1 << 16)
+    try:
+        retained = q._core.side_retained
+        for i in range(retained + 2):
+            q.put(big_message(i))
+        for i in range(retained):  # the retained entries are read normally
+            assert q.get(timeout=5) == big_message(i)
+        for _ in range(2):  # each of the two transient ones by a consumer killed after its get's commit
+            with child(CONSUMER, NAME=name, BACKEND=backend, FAULT="r.committed:exit", SIZE=0) as c:
+                c.expect("ready")
+                assert c.finish(timeout=30) == 137
+        assert side_states(q)[retained : retained + 2] == ["reading", "reading"]
+        assert side_objects(q) >= {retained, retained + 1}  # their objects stay for now
+        # The next large send (into a free retained entry) sweeps the first; the second
+        # consumer died holding the read lock, so its entry waits for a reader to take
+        # the lock over (section 6.3), and goes with the send after that.
+        q.put(big_message(7))
+        assert side_states(q)[retained : retained + 2] == ["free", "reading"]
+        assert retained not in side_objects(q)
+        assert q.get(timeout=5) == big_message(7)
+        q.put(big_message(8))
+        assert side_states(q)[retained : retained + 2] == ["free", "free"]
+        assert side_objects(q) == set(range(retained))
+        assert q.get(timeout=5) == big_message(8)
+        assert side_states(q) == ["free"] * q._core.side_slots
+    finally:
+        q.close()
 
 
 BIG_STORM = """

@@ -402,8 +402,21 @@ static int side_prepare(CoreObject *self, enc_t *e, double deadline) {
         Py_DECREF(claim);
         return -1;
     }
+    /* Transient entries whose reader died holding them: taken over here, their objects
+     * removed by the hook, and forgotten below whatever the hook does. */
+    uint32_t dead_index[8], dead_ticket[8];
+    uint32_t ndead = shmchan_side_sweep(&self->c, dead_index, dead_ticket, 8);
     PyObject *res = NULL;
-    PyObject *parts = PyList_New((Py_ssize_t)e->nparts);
+    PyObject *dead = PyTuple_New(ndead);
+    for (uint32_t k = 0; dead && k < ndead; k++) {
+        PyObject *v = PyLong_FromUnsignedLong(dead_index[k]);
+        if (!v) {
+            Py_CLEAR(dead);
+            break;
+        }
+        PyTuple_SET_ITEM(dead, k, v);
+    }
+    PyObject *parts = dead ? PyList_New((Py_ssize_t)e->nparts) : NULL;
     for (size_t i = 0; parts && i < e->nparts; i++) {
         PyObject *mv = PyMemoryView_FromMemory((char *)e->parts[i].p, (Py_ssize_t)e->parts[i].n, PyBUF_READ);
         PyObject *pair = mv ? Py_BuildValue("(KN)", (unsigned long long)e->parts[i].off, mv) : NULL;
@@ -415,11 +428,14 @@ static int side_prepare(CoreObject *self, enc_t *e, double deadline) {
     }
     PyObject *nobj = parts ? PyLong_FromUnsignedLongLong(e->n) : NULL;
     if (nobj) {
-        PyObject *args[4] = {(PyObject *)self, nobj, parts, claim};
-        res = PyObject_Vectorcall(H_side_prepare, args, 4, NULL);
+        PyObject *args[5] = {(PyObject *)self, nobj, parts, claim, dead};
+        res = PyObject_Vectorcall(H_side_prepare, args, 5, NULL);
     }
     Py_XDECREF(nobj);
+    Py_XDECREF(dead);
     Py_DECREF(claim);
+    if (!self->finalized)
+        for (uint32_t k = 0; k < ndead; k++) shmchan_side_forget(&self->c, dead_index[k], dead_ticket[k]);
     if (parts) {
         /* The views point into our parts: they must not outlive this call. The hook's
          * exception (if any) is kept aside meanwhile, so that it is the one raised. */

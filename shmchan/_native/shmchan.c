@@ -1247,6 +1247,41 @@ int shmchan_side_retained_busy(shmchan_chan *c, int *reading) {
     return busy;
 }
 
+uint32_t shmchan_side_sweep(shmchan_chan *c, uint32_t *index, uint32_t *ticket, uint32_t max) {
+    uint32_t n = 0;
+    if (c->slot < 0) return 0;
+    for (uint32_t i = c->side_retained; i < c->side_slots && n < max; i++) {
+        a64 *S = side_state(c, i);
+        uint64_t s = atomic_load_explicit(S, memory_order_acquire);
+        if (SIDE_ST(s) != SHMCHAN_SIDE_READING || !side_owner_dead(c, SIDE_OWNER(s))) continue;
+        /* As in shmchan_side_claim: a reader that died holding the read lock left its
+         * record at the head, and the next reader takes the entry over. */
+        uint64_t r = atomic_load_explicit(W64(c, SHMCHAN_OFF_RLOCK), memory_order_acquire);
+        uint32_t rowner = (uint32_t)(r & 0xFFFF) | (uint32_t)(((r >> 16) & 0xFFFF) << 16);
+        if (r && rowner == SIDE_OWNER(s)) continue;
+        uint32_t t = (SIDE_TICKET(s) + 1) & 0x3FFFFFFFu;
+        if (!t) t = 1;
+        /* S1: taking the dead reader's entry is an acquire CAS, like a claim. */
+        if (atomic_compare_exchange_strong_explicit(S, &s, mkside(SHMCHAN_SIDE_WRITING, t, my_owner(c)),
+                                                    memory_order_acquire, memory_order_relaxed)) {
+            index[n] = i;
+            ticket[n] = t;
+            n++;
+        }
+    }
+    return n;
+}
+
+void shmchan_side_forget(shmchan_chan *c, uint32_t index, uint32_t ticket) {
+    uint64_t size;
+    uint32_t gen;
+    if (index >= c->side_slots) return;
+    shmchan_side_file(c, index, &size, &gen);
+    /* The object is gone (the caller removed it): size 0 and a new generation, then FREE. */
+    shmchan_side_set_file(c, index, ticket, 0, gen + 1);
+    shmchan_side_release(c, index, ticket);
+}
+
 /* With the write lock held: entries left WRITING by writers that died before queueing
  * them are nobody's (a writer that died while queueing held the lock, and its journal was
  * resolved when we took the lock over). */

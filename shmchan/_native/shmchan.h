@@ -409,6 +409,13 @@ int shmchan_side_claim(shmchan_chan *c, uint32_t *index, uint32_t *ticket);
  * object is made and mapped) and making a transient one; acquire loads only, and the
  * answer may be stale at once. */
 int shmchan_side_retained_busy(shmchan_chan *c, int *reading);
+/* Take over (as WRITING(me)) up to `max` transient entries (index >= side_retained) whose
+ * reader died after taking them, so that their objects, which nobody else would remove
+ * until the channel goes, can be removed: returns how many, with their indexes and new
+ * tickets. For each, the caller removes the object, then calls shmchan_side_forget. */
+uint32_t shmchan_side_sweep(shmchan_chan *c, uint32_t *index, uint32_t *ticket, uint32_t max);
+/* A writer's entry whose object it removed: size 0, a new file generation, FREE. */
+void shmchan_side_forget(shmchan_chan *c, uint32_t index, uint32_t ticket);
 /* With the write lock held: free entries left WRITING by writers that died before queueing
  * them (then call shmchan_side_claim again). */
 void shmchan_side_reclaim(shmchan_chan *c);

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import sysv_ipc
-from conftest import unique_name
+from conftest import leaks_since, snapshot, unique_name
 from helpers import procs
 from helpers.children import (
     Child,
@@ -197,6 +197,33 @@ def test_corrupt_header_is_refused(backend: str, name: str, case: str) -> None:
     finally:
         with raw_segment(backend, name) as buf:  # so that remove() recognises it
             buf[:HEADER] = original
+
+
+@pytest.mark.parametrize("how", ["remove", "unlink"])
+@pytest.mark.parametrize("case", ["header_crc_mismatch", "capacity_doubled", "truncated"])
+def test_a_corrupt_channel_is_removed_whole(backend: str, name: str, case: str, how: str) -> None:
+    """``Channel.remove(name)``, and ``unlink()`` on a handle that was open before the
+    header went bad, remove everything the channel uses (segment, semaphores, side
+    objects) while the header stays corrupt or truncated."""
+    if case == "truncated" and (backend == "sysv" or how == "unlink"):
+        pytest.skip("a SysV segment cannot be truncated; truncating a mapped segment is SIGBUS")
+    before = snapshot()
+    ch = Channel.create(name, capacity=CAP, backend=backend)
+    ch.send(b"L" * 3 * CAP)  # one side object
+    assert leaks_since(before)  # the channel's objects exist
+    if case == "truncated":
+        ch.close()  # its processes are gone (docs/security.md: never truncate a live one)
+        os.truncate(name if backend == "mmap" else "/dev/shm/" + name, 100)
+    else:
+        with raw_segment(backend, name) as buf:
+            HEADER_CASES[case][0](buf)
+    if how == "remove":
+        Channel.remove(name, backend=backend)
+        ch.close()
+    else:
+        ch.unlink()
+        ch.close()
+    assert not leaks_since(before), leaks_since(before)
 
 
 @pytest.mark.parametrize("busy", [False, True], ids=["creator_gone", "creator_busy"])
@@ -990,6 +1017,38 @@ def test_a_squatted_name_with_a_crafted_pickle_is_refused(backend: str, name: st
             opener(name, backend=backend)
         assert "allow_foreign" in str(err.value)  # says how to allow it deliberately
     assert not marker.exists()
+
+
+OTHER_UID_OPENS = """
+    import os
+    import shmchan
+    # Everything imported first (root's interpreter is not readable by nobody): a
+    # throwaway queue, opened by name, loads the modules both openers use.
+    warm = shmchan.Queue(name=NAME + "-warm", backend=BACKEND)
+    shmchan.Queue.open(NAME + "-warm", backend=BACKEND).close()
+    warm.unlink()
+    warm.close()
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+    for opener in (shmchan.Channel.open, shmchan.Queue.open):
+        try:
+            opener(NAME, backend=BACKEND)
+        except shmchan.AccessDenied as exc:
+            print("denied", type(exc).__name__, isinstance(exc, PermissionError), flush=True)
+        else:
+            print("opened", flush=True)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the other user runs as nobody (uid 65534)")
+def test_another_user_opening_a_private_channel_gets_access_denied(backend: str, name: str) -> None:
+    """A 0600 channel opened by another (non-root) uid: shmchan.AccessDenied, also a
+    PermissionError, never a backend library's own exception type."""
+    with Channel.create(name, capacity=CAP, backend=backend):
+        res = run_child(OTHER_UID_OPENS, timeout=60, NAME=name, BACKEND=backend)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.split("\n")[:2] == ["denied AccessDenied True"] * 2, res.stdout + res.stderr
 
 
 def test_a_side_object_others_may_write_is_not_read(backend: str, name: str) -> None:

@@ -379,7 +379,72 @@ static int encode(CoreObject *self, PyObject *obj, int raw, enc_t *e) {
     return 0;
 }
 
-static PyObject *Core_side_claim(CoreObject *self, PyObject *arg);
+/* Claim a side entry for a big message: 1 with its index, ticket, object size and file
+ * generation; 0 when the deadline passed with every entry in use; -1 with an exception.
+ * Waits (GIL released) for a free entry. */
+static int claim_side(CoreObject *self, double deadline, uint32_t *index, uint32_t *ticket, uint64_t *size,
+                      uint32_t *gen) {
+    shmchan_chan *c = &self->c;
+    int reclaimed = 0;
+    int reading;
+    if (shmchan_side_retained_busy(c, &reading)) {
+        /* Every retained entry is in use. While readers are at work (one is copying an
+         * entry out, or the get count moved), wait a little for a retained entry to be
+         * freed rather than make, fill and remove a transient object, which costs the
+         * writer and the reader more than the copy itself. Bounded by the deadline and
+         * SIDE_RETAINED_WAIT; with no reader at work for SIDE_IDLE_GRACE, or a reader
+         * stopped mid-copy, the writer goes on with a transient entry. */
+        double start = shmchan_now(), until = start + SIDE_RETAINED_WAIT;
+        if (deadline >= 0 && deadline < until) until = deadline;
+        uint64_t got = shmchan_got_total(c);
+        Py_BEGIN_ALLOW_THREADS
+        struct timespec pause = {0, 20000};
+        for (;;) {
+            double now = shmchan_now();
+            if (now >= until) break;
+            if (now >= start + SIDE_IDLE_GRACE && !reading && shmchan_got_total(c) == got) break;
+            nanosleep(&pause, NULL);
+            if (!shmchan_side_retained_busy(c, &reading)) break;
+        }
+        Py_END_ALLOW_THREADS
+        if (PyErr_CheckSignals() < 0) return -1; /* nothing claimed yet: no effect */
+    }
+    int rc;
+    for (;;) {
+        rc = shmchan_side_claim(c, index, ticket);
+        if (rc == SHMCHAN_OK) {
+            shmchan_side_file(c, *index, size, gen);
+            return 1;
+        }
+        if (rc != SHMCHAN_FULL) break;
+        if (!reclaimed) {
+            /* Entries of writers that died before queueing them: free them (write lock). */
+            reclaimed = 1;
+            rc = take_lock(self, SHMCHAN_WLOCK, deadline, 0);
+            if (rc == SHMCHAN_OK) {
+                shmchan_side_reclaim(c);
+                shmchan_unlock(c, SHMCHAN_WLOCK);
+                continue;
+            }
+            if (rc != SHMCHAN_TIMEOUT) break;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        rc = shmchan_wait_writable(c, 0, deadline, SHMCHAN_F_SIDE);
+        Py_END_ALLOW_THREADS
+        if (rc == SHMCHAN_INTR) {
+            if (PyErr_CheckSignals() < 0) return -1;
+            continue;
+        }
+        if (rc == SHMCHAN_OK) {
+            reclaimed = 0;
+            continue;
+        }
+        if (rc == SHMCHAN_TIMEOUT) return 0;
+        break;
+    }
+    raise_rc(self, rc); /* PYERR: a signal handler's exception is already set */
+    return -1;
+}
 
 /* Write a big message into a side entry: the entry is claimed here (waiting until the
  * deadline), then the Python hook makes sure its object is large enough and copies the
@@ -387,19 +452,13 @@ static PyObject *Core_side_claim(CoreObject *self, PyObject *arg);
  * If the hook raises (a Ctrl-C can land anywhere in Python code), the entry is released
  * here: no exception can leave it WRITING for the life of this process. */
 static int side_prepare(CoreObject *self, enc_t *e, double deadline) {
-    PyObject *dl = deadline < 0 ? Py_NewRef(Py_None) : PyFloat_FromDouble(deadline);
-    if (!dl) return -1;
-    PyObject *claim = Core_side_claim(self, dl);
-    Py_DECREF(dl);
-    if (!claim) return -1;
-    if (claim == Py_None) {
-        Py_DECREF(claim);
-        return 0;
-    }
-    unsigned int index, ticket, file_gen;
-    unsigned long long size;
-    if (!PyArg_ParseTuple(claim, "IIKI", &index, &ticket, &size, &file_gen)) {
-        Py_DECREF(claim);
+    uint32_t index, ticket, file_gen;
+    uint64_t size;
+    int claimed = claim_side(self, deadline, &index, &ticket, &size, &file_gen);
+    if (claimed <= 0) return claimed;
+    PyObject *claim = Py_BuildValue("(IIKI)", index, ticket, (unsigned long long)size, file_gen);
+    if (!claim) {
+        shmchan_side_release(&self->c, index, ticket);
         return -1;
     }
     /* Transient entries whose reader died holding them: taken over here, their objects
@@ -458,8 +517,9 @@ static int side_prepare(CoreObject *self, enc_t *e, double deadline) {
 #endif
         Py_DECREF(parts);
     }
-    unsigned int got_index = 0, got_ticket = 0;
-    int ok = res && PyArg_ParseTuple(res, "IIKI", &got_index, &got_ticket, &size, &file_gen) &&
+    unsigned int got_index = 0, got_ticket = 0, got_gen = 0;
+    unsigned long long got_size = 0;
+    int ok = res && PyArg_ParseTuple(res, "IIKI", &got_index, &got_ticket, &got_size, &got_gen) &&
              got_index == index && got_ticket == ticket;
     if (res && !ok && !PyErr_Occurred())
         PyErr_Format(PyExc_SystemError, "side_prepare hook returned another entry than it was given");
@@ -471,7 +531,7 @@ static int side_prepare(CoreObject *self, enc_t *e, double deadline) {
     e->ref.index = index;
     e->ref.ticket = ticket;
     e->ref.size = e->n;
-    e->ref.file_gen = file_gen;
+    e->ref.file_gen = got_gen;
     e->ref.inner_type = e->type;
     e->prepared = 1;
     return 1;
@@ -996,89 +1056,6 @@ static PyObject *Core_put_record(CoreObject *self, PyObject *args) {
     return result;
 }
 
-/* side_claim(deadline) -> (index, ticket, size, file_gen), or None when the deadline
- * passed with every entry in use. Waits (GIL released) for a free entry. */
-static PyObject *Core_side_claim(CoreObject *self, PyObject *arg) {
-    double deadline;
-    if (parse_deadline(arg, &deadline) < 0 || enter(self) < 0) return NULL;
-    shmchan_chan *c = &self->c;
-    PyObject *result = NULL;
-    int reclaimed = 0;
-    int reading;
-    if (shmchan_side_retained_busy(c, &reading)) {
-        /* Every retained entry is in use. While readers are at work (one is copying an
-         * entry out, or the get count moved), wait a little for a retained entry to be
-         * freed rather than make, fill and remove a transient object, which costs the
-         * writer and the reader more than the copy itself. Bounded by the deadline and
-         * SIDE_RETAINED_WAIT; with no reader at work for SIDE_IDLE_GRACE, or a reader
-         * stopped mid-copy, the writer goes on with a transient entry. */
-        double start = shmchan_now(), until = start + SIDE_RETAINED_WAIT;
-        if (deadline >= 0 && deadline < until) until = deadline;
-        uint64_t got = shmchan_got_total(c);
-        Py_BEGIN_ALLOW_THREADS
-        struct timespec pause = {0, 20000};
-        for (;;) {
-            double now = shmchan_now();
-            if (now >= until) break;
-            if (now >= start + SIDE_IDLE_GRACE && !reading && shmchan_got_total(c) == got) break;
-            nanosleep(&pause, NULL);
-            if (!shmchan_side_retained_busy(c, &reading)) break;
-        }
-        Py_END_ALLOW_THREADS
-        if (PyErr_CheckSignals() < 0) {
-            leave(self);
-            return NULL; /* nothing claimed yet: the call had no effect */
-        }
-    }
-    for (;;) {
-        uint32_t index, ticket;
-        int rc = shmchan_side_claim(c, &index, &ticket);
-        if (rc == SHMCHAN_OK) {
-            uint64_t size;
-            uint32_t gen;
-            shmchan_side_file(c, index, &size, &gen);
-            result = Py_BuildValue("(IIKI)", index, ticket, (unsigned long long)size, gen);
-            break;
-        }
-        if (rc != SHMCHAN_FULL) {
-            raise_rc(self, rc);
-            break;
-        }
-        if (!reclaimed) {
-            /* Entries of writers that died before queueing them: free them (write lock). */
-            reclaimed = 1;
-            rc = take_lock(self, SHMCHAN_WLOCK, deadline, 0);
-            if (rc == SHMCHAN_OK) {
-                shmchan_side_reclaim(c);
-                shmchan_unlock(c, SHMCHAN_WLOCK);
-                continue;
-            }
-            if (rc != SHMCHAN_TIMEOUT) {
-                raise_rc(self, rc);
-                break;
-            }
-        }
-        Py_BEGIN_ALLOW_THREADS
-        rc = shmchan_wait_writable(c, 0, deadline, SHMCHAN_F_SIDE);
-        Py_END_ALLOW_THREADS
-        if (rc == SHMCHAN_INTR) {
-            if (PyErr_CheckSignals() < 0) break;
-            continue;
-        }
-        if (rc == SHMCHAN_OK) {
-            reclaimed = 0;
-            continue;
-        }
-        if (rc == SHMCHAN_TIMEOUT) {
-            result = Py_NewRef(Py_None);
-            break;
-        }
-        raise_rc(self, rc);
-        break;
-    }
-    leave(self);
-    return result;
-}
 
 static PyObject *Core_side_set_file(CoreObject *self, PyObject *args) {
     unsigned int index, ticket, gen;
@@ -1104,27 +1081,6 @@ static PyObject *Core_side_file(CoreObject *self, PyObject *arg) {
     shmchan_side_file(&self->c, (uint32_t)index, &size, &gen);
     leave(self);
     return Py_BuildValue("(KI)", (unsigned long long)size, gen);
-}
-
-static PyObject *Core_side_release(CoreObject *self, PyObject *args) {
-    unsigned int index, ticket;
-    if (!PyArg_ParseTuple(args, "II", &index, &ticket)) return NULL;
-    if (!self->finalized) shmchan_side_release(&self->c, index, ticket);
-    Py_RETURN_NONE;
-}
-
-static PyObject *Core_side_done(CoreObject *self, PyObject *args) {
-    unsigned int index, ticket;
-    if (!PyArg_ParseTuple(args, "II", &index, &ticket)) return NULL;
-    if (!self->finalized) shmchan_side_done(&self->c, index, ticket);
-    Py_RETURN_NONE;
-}
-
-static PyObject *Core_side_drop(CoreObject *self, PyObject *args) {
-    unsigned int index, ticket;
-    if (!PyArg_ParseTuple(args, "II", &index, &ticket)) return NULL;
-    if (!self->finalized) shmchan_side_drop(&self->c, index, ticket);
-    Py_RETURN_NONE;
 }
 
 /* ---- waiting (the async face and select) ------------------------------------------------------ */
@@ -1465,12 +1421,8 @@ static PyMethodDef Core_methods[] = {
     {"get", (PyCFunction)(void (*)(void))Core_get, METH_FASTCALL, "get(deadline, flags=0) -> obj | NOTHING | BUSY"},
     {"get_many", (PyCFunction)(void (*)(void))Core_get_many, METH_FASTCALL, "get_many(n, deadline, flags=0) -> list"},
     {"put_record", (PyCFunction)Core_put_record, METH_VARARGS, "put_record(rtype, payload, deadline) -> bool"},
-    {"side_claim", (PyCFunction)Core_side_claim, METH_O, "side_claim(deadline) -> (index, ticket, size, gen) | None"},
     {"side_set_file", (PyCFunction)Core_side_set_file, METH_VARARGS, "side_set_file(index, ticket, size, gen)"},
     {"side_file", (PyCFunction)Core_side_file, METH_O, "side_file(index) -> (size, gen)"},
-    {"side_release", (PyCFunction)Core_side_release, METH_VARARGS, "side_release(index, ticket)"},
-    {"side_done", (PyCFunction)Core_side_done, METH_VARARGS, "side_done(index, ticket)"},
-    {"side_drop", (PyCFunction)Core_side_drop, METH_VARARGS, "side_drop(index, ticket): object removed, FREE"},
     {"seq", (PyCFunction)Core_seq, METH_O, "seq(event) -> int"},
     {"register", (PyCFunction)(void (*)(void))Core_register, METH_FASTCALL, "register(event, delta)"},
     {"wait", (PyCFunction)(void (*)(void))Core_wait, METH_FASTCALL, "wait(event, seen, timeout) -> bool"},

@@ -1200,6 +1200,22 @@ static int side_owner_dead(shmchan_chan *c, uint32_t owner) {
     return !owner_alive(c, slot1 - 1, owner >> 16, 0xFFFFu);
 }
 
+/* An entry READING by a reader that died after taking it and not while holding the read
+ * lock (then its record is still at the head and the next reader takes the entry over):
+ * nobody's, per the state table of docs/layout.md 2.5. */
+static int side_abandoned(shmchan_chan *c, uint64_t s) {
+    if (SIDE_ST(s) != SHMCHAN_SIDE_READING || !side_owner_dead(c, SIDE_OWNER(s))) return 0;
+    uint64_t r = atomic_load_explicit(W64(c, SHMCHAN_OFF_RLOCK), memory_order_acquire);
+    uint32_t rowner = (uint32_t)(r & 0xFFFF) | (uint32_t)(((r >> 16) & 0xFFFF) << 16);
+    return !(r && rowner == SIDE_OWNER(s));
+}
+
+/* The ticket of an entry's next holder (30 bits, never 0). */
+static uint32_t side_next_ticket(uint64_t s) {
+    uint32_t t = (SIDE_TICKET(s) + 1) & 0x3FFFFFFFu;
+    return t ? t : 1;
+}
+
 int shmchan_side_claim(shmchan_chan *c, uint32_t *index, uint32_t *ticket) {
     if (c->slot < 0) return SHMCHAN_E_STATE;
     /* Retained entries first (their objects are already made and mapped), then the
@@ -1209,18 +1225,9 @@ int shmchan_side_claim(shmchan_chan *c, uint32_t *index, uint32_t *ticket) {
             a64 *S = side_state(c, i);
             uint64_t s = atomic_load_explicit(S, memory_order_acquire);
             uint32_t st = SIDE_ST(s);
-            if (pass == 1 && st == SHMCHAN_SIDE_READING && side_owner_dead(c, SIDE_OWNER(s))) {
-                /* A reader died after taking the entry. If it died holding the read lock,
-                 * its record is still at the head and the next reader takes the entry
-                 * over: leave it. Otherwise the entry is nobody's. */
-                uint64_t r = atomic_load_explicit(W64(c, SHMCHAN_OFF_RLOCK), memory_order_acquire);
-                uint32_t rowner = (uint32_t)(r & 0xFFFF) | (uint32_t)(((r >> 16) & 0xFFFF) << 16);
-                if (r && rowner == SIDE_OWNER(s)) continue;
-                st = SHMCHAN_SIDE_FREE;
-            }
+            if (pass == 1 && side_abandoned(c, s)) st = SHMCHAN_SIDE_FREE;
             if (st != SHMCHAN_SIDE_FREE) continue;
-            uint32_t t = (SIDE_TICKET(s) + 1) & 0x3FFFFFFFu;
-            if (!t) t = 1;
+            uint32_t t = side_next_ticket(s);
             /* S1: claiming an entry is an acquire CAS (the previous reader's copy-out
              * happens before our writes into the backing object). */
             if (atomic_compare_exchange_strong_explicit(S, &s, mkside(SHMCHAN_SIDE_WRITING, t, my_owner(c)),
@@ -1235,16 +1242,17 @@ int shmchan_side_claim(shmchan_chan *c, uint32_t *index, uint32_t *ticket) {
 }
 
 int shmchan_side_retained_busy(shmchan_chan *c, int *reading) {
-    int busy = c->side_retained > 0;
     *reading = 0;
+    if (!c->side_retained) return 0;
     for (uint32_t i = 0; i < c->side_slots; i++) {
         /* S1 (read only): an acquire load of the entry's state word; nothing is written. */
         uint64_t s = atomic_load_explicit(side_state(c, i), memory_order_acquire);
         uint32_t st = SIDE_ST(s);
-        if (i < c->side_retained && st == SHMCHAN_SIDE_FREE) busy = 0;
-        if (st == SHMCHAN_SIDE_READING && !side_owner_dead(c, SIDE_OWNER(s))) *reading = 1;
+        if (i < c->side_retained && st == SHMCHAN_SIDE_FREE) return 0;
+        /* One live reader is enough: no liveness probe (a system call) for the others. */
+        if (!*reading && st == SHMCHAN_SIDE_READING && !side_owner_dead(c, SIDE_OWNER(s))) *reading = 1;
     }
-    return busy;
+    return 1;
 }
 
 uint32_t shmchan_side_sweep(shmchan_chan *c, uint32_t *index, uint32_t *ticket, uint32_t max) {
@@ -1253,14 +1261,8 @@ uint32_t shmchan_side_sweep(shmchan_chan *c, uint32_t *index, uint32_t *ticket, 
     for (uint32_t i = c->side_retained; i < c->side_slots && n < max; i++) {
         a64 *S = side_state(c, i);
         uint64_t s = atomic_load_explicit(S, memory_order_acquire);
-        if (SIDE_ST(s) != SHMCHAN_SIDE_READING || !side_owner_dead(c, SIDE_OWNER(s))) continue;
-        /* As in shmchan_side_claim: a reader that died holding the read lock left its
-         * record at the head, and the next reader takes the entry over. */
-        uint64_t r = atomic_load_explicit(W64(c, SHMCHAN_OFF_RLOCK), memory_order_acquire);
-        uint32_t rowner = (uint32_t)(r & 0xFFFF) | (uint32_t)(((r >> 16) & 0xFFFF) << 16);
-        if (r && rowner == SIDE_OWNER(s)) continue;
-        uint32_t t = (SIDE_TICKET(s) + 1) & 0x3FFFFFFFu;
-        if (!t) t = 1;
+        if (!side_abandoned(c, s)) continue;
+        uint32_t t = side_next_ticket(s);
         /* S1: taking the dead reader's entry is an acquire CAS, like a claim. */
         if (atomic_compare_exchange_strong_explicit(S, &s, mkside(SHMCHAN_SIDE_WRITING, t, my_owner(c)),
                                                     memory_order_acquire, memory_order_relaxed)) {

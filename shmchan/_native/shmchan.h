@@ -404,7 +404,7 @@ int shmchan_role_gone(shmchan_chan *c, int role);
  * SHMCHAN_OK with the entry's index and ticket, or SHMCHAN_FULL when every entry is in use. */
 int shmchan_side_claim(shmchan_chan *c, uint32_t *index, uint32_t *ticket);
 /* 1 when every retained entry (index < side_retained) is in use, 0 when one is FREE or
- * there are none; *reading is set to 1 when a live reader is copying an entry out
+ * there are none; with 1, *reading tells whether a live reader is copying an entry out
  * (READING). A hint for a writer deciding between waiting for a retained entry (whose
  * object is made and mapped) and making a transient one; acquire loads only, and the
  * answer may be stale at once. */

@@ -982,16 +982,24 @@ def test_open_refuses_a_channel_of_another_user(backend: str, name: str) -> None
             assert ch.recv_bytes_nowait() == b"from a friend"
 
 
-SQUATTER = """
-    import os, pickle
+AS_NOBODY = """
+    import os
     import shmchan
-    # Everything imported first: root's interpreter is not readable by nobody. A throwaway
-    # channel loads the backend's modules.
-    shmchan.Channel.create(NAME + "-warm", capacity=4096, backend=BACKEND).close()
-    shmchan.Channel.remove(NAME + "-warm", backend=BACKEND)
+    # Everything is imported first (root's interpreter is not readable by nobody): a
+    # throwaway queue, made and opened by name, loads the modules the script will use.
+    warm = shmchan.Queue(name=NAME + "-warm", backend=BACKEND)
+    shmchan.Queue.open(NAME + "-warm", backend=BACKEND).close()
+    warm.unlink()
+    warm.close()
     os.setgroups([])
     os.setgid(65534)
     os.setuid(65534)
+"""
+"""The prelude of a child script that runs as nobody (uid 65534)."""
+
+SQUATTER = (
+    AS_NOBODY
+    + """
 
     class Payload:
         def __reduce__(self):
@@ -1002,6 +1010,7 @@ SQUATTER = """
     ch.close()  # the channel stays, waiting for its victim
     print("squatted", flush=True)
 """
+)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the squatter runs as nobody (uid 65534)")
@@ -1019,18 +1028,9 @@ def test_a_squatted_name_with_a_crafted_pickle_is_refused(backend: str, name: st
     assert not marker.exists()
 
 
-OTHER_UID_OPENS = """
-    import os
-    import shmchan
-    # Everything imported first (root's interpreter is not readable by nobody): a
-    # throwaway queue, opened by name, loads the modules both openers use.
-    warm = shmchan.Queue(name=NAME + "-warm", backend=BACKEND)
-    shmchan.Queue.open(NAME + "-warm", backend=BACKEND).close()
-    warm.unlink()
-    warm.close()
-    os.setgroups([])
-    os.setgid(65534)
-    os.setuid(65534)
+OTHER_UID_OPENS = (
+    AS_NOBODY
+    + """
     for opener in (shmchan.Channel.open, shmchan.Queue.open):
         try:
             opener(NAME, backend=BACKEND)
@@ -1039,6 +1039,7 @@ OTHER_UID_OPENS = """
         else:
             print("opened", flush=True)
 """
+)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the other user runs as nobody (uid 65534)")
